@@ -1,0 +1,5 @@
+"""``python -m millstream``: the millstream command line."""
+
+from millstream.client.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The compute backend protocol: launch, wait for, cancel and re-attach attempts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from millstream.task.spec import TaskSpec
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """One attempt to start, with where its output goes and what it needs."""
+
+    spec: TaskSpec
+    stdout_path: str
+    stderr_path: str
+    python: str
+    env: dict[str, str] = field(default_factory=dict)
+    cpu: float = 0.5
+    memory_mb: int = 0
+    timeout_s: float | None = None
+
+
+class ComputeBackend(Protocol):
+    """What the daemon needs of a place that runs attempts."""
+
+    async def launch(self, request: LaunchRequest) -> dict[str, Any]:
+        """Start the attempt; returns its handle (JSON, checkpointed)."""
+
+    async def wait(self, handle: dict[str, Any]) -> int | None:
+        """Wait for the attempt to end; its exit code, or None where it is unknown."""
+
+    async def cancel(self, handle: dict[str, Any], *, grace_s: float) -> None:
+        """Stop the attempt: politely, then for good after ``grace_s``."""
+
+    async def reattach(self, handle: dict[str, Any]) -> bool:
+        """After a daemon restart: is the attempt behind this handle still running?"""
+
+    async def close(self) -> None:
+        """Release what the backend holds (running attempts carry on)."""

@@ -1,0 +1,174 @@
+"""Settings, layered and loaded once into frozen dataclasses.
+
+Layers, later wins: built-in defaults < ``/etc/millstream/config.toml`` <
+``$XDG_CONFIG_HOME/millstream/config.toml`` (or ``$MILLSTREAM_CONFIG``) <
+``MILLSTREAM_<SECTION>_<KEY>`` environment variables < command-line overrides.
+The loader takes the environment as a mapping, so nothing deeper reads ``os.environ``.
+
+With no configuration at all everything is local and per user: the datastore under
+``$XDG_DATA_HOME/millstream`` and the daemon's socket under ``$XDG_RUNTIME_DIR``
+(or ``/tmp/millstream-<uid>`` where that is unset).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from millstream.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DatastoreSettings:
+    """Where artifacts, records, logs and checkpoints live."""
+
+    type: str = "local"
+    root: str = ""
+    durable: bool = True
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """The scheduler daemon."""
+
+    socket: str = ""
+    state_dir: str = ""
+    id: str = "default"
+    max_body_mb: int = 64
+    checkpoint_interval_s: float = 0.05
+    shutdown_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """Local task processes."""
+
+    max_slots: int = 0  # 0: four per core
+    max_cpus: float = 0  # 0: the host's cores
+    max_memory_mb: int = 0  # 0: the host's memory
+    default_cpu: float = 0.5  # what a step without @resources is assumed to use
+    fork: bool = True
+    zygote_idle_s: float = 300.0
+    kill_grace_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Defaults of ``run``."""
+
+    max_workers: int = 16
+    max_num_splits: int = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, and where each value came from."""
+
+    datastore: DatastoreSettings = field(default_factory=DatastoreSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Settings) if f.name != "sources"}
+
+
+def _section_class(name: str) -> type:
+    return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "local": LocalSettings,
+            "run": RunSettings}[name]
+
+
+def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif kind is int and not isinstance(value, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def _apply(layers: dict[str, dict[str, Any]], sources: dict[str, str], data: Mapping[str, Any], where: str) -> None:
+    for section, values in data.items():
+        if section not in _SECTIONS or not isinstance(values, Mapping):
+            raise ConfigError(f"{where}: unknown section [{section}]; known: {', '.join(_SECTIONS)}")
+        defaults = {f.name: f.default for f in fields(_section_class(section))}
+        for key, value in values.items():
+            if key not in defaults:
+                raise ConfigError(f"{where}: unknown key {section}.{key}; known: {', '.join(defaults)}")
+            layers[section][key] = _coerce(value, defaults[key], where, f"{section}.{key}")
+            sources[f"{section}.{key}"] = where
+
+
+def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Load the layered settings for the given environment and CLI overrides."""
+    layers: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    sources: dict[str, str] = {}
+    files = [Path("/etc/millstream/config.toml")]
+    xdg_config = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
+    files.append(Path(env["MILLSTREAM_CONFIG"]) if env.get("MILLSTREAM_CONFIG") else xdg_config / "millstream/config.toml")
+    for path in files:
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            _apply(layers, sources, data, str(path))
+    from_env: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith("MILLSTREAM_") or name == "MILLSTREAM_CONFIG":
+            continue
+        rest = name[len("MILLSTREAM_"):].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key:
+            from_env.setdefault(section, {})[key] = value
+    for section, values in from_env.items():
+        _apply(layers, sources, {section: values}, "environment")
+    if overrides:
+        _apply(layers, sources, {k: dict(v) for k, v in overrides.items() if v}, "command line")
+    settings = Settings(**{s: _section_class(s)(**layers[s]) for s in _SECTIONS}, sources=sources)
+    return _with_local_defaults(settings, env)
+
+
+def _with_local_defaults(settings: Settings, env: Mapping[str, str]) -> Settings:
+    home = Path(env.get("HOME") or Path.home())
+    data_home = Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "millstream"
+    uid = os.getuid()
+    runtime = env.get("XDG_RUNTIME_DIR")
+    socket_dir = Path(runtime) / "millstream" if runtime else Path(f"/tmp/millstream-{uid}")
+    ds, daemon = settings.datastore, settings.daemon
+    if not ds.root:
+        ds = replace(ds, root=str(data_home / "datastore"))
+    if not daemon.socket:
+        daemon = replace(daemon, socket=str(socket_dir / "daemon.sock"))
+    if not daemon.state_dir:
+        daemon = replace(daemon, state_dir=str(data_home / "daemon"))
+    return replace(settings, datastore=ds, daemon=daemon)
+
+
+def describe(settings: Settings) -> list[tuple[str, Any, str]]:
+    """``(key, value, source)`` for every setting, for ``config show``."""
+    rows = []
+    for section in _SECTIONS:
+        obj = getattr(settings, section)
+        for f in fields(obj):
+            key = f"{section}.{f.name}"
+            rows.append((key, getattr(obj, f.name), settings.sources.get(key, "default")))
+    return rows

@@ -1,0 +1,401 @@
+"""The daemon's HTTP API: JSON over a Unix socket, versioned under ``/v1``.
+
+Every request is validated before it reaches the engine; a bad one gets a 4xx with
+``{"error": code, "message": ...}``, never a 500. The caller's identity is the uid
+the kernel reports for the socket peer (SO_PEERCRED), never a field of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+import millstream
+from millstream.daemon import scheduler as sch
+from millstream.daemon.engine import Engine, Run
+from millstream.daemon.openapi import OPENAPI
+from millstream.datastore import layout
+from millstream.datastore.records import AttemptKey
+from millstream.errors import DatastoreError, MillstreamError, NotFound, SchedulerError
+
+ENGINE = web.AppKey("engine", Engine)
+MAX_PAGE = 500
+
+
+class ApiFailure(Exception):
+    """Turned into a JSON error response."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Map every failure to a JSON error; nothing escapes as a bare 500."""
+    try:
+        return await handler(request)
+    except ApiFailure as exc:
+        return _error(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "bad_request")
+            return _error(exc.status, code, exc.reason)
+        raise
+    except (SchedulerError, DatastoreError) as exc:
+        return _error(409 if isinstance(exc, SchedulerError) else 400, "rejected", str(exc))
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:  # a bug: say so, keep serving
+        request.app.logger.exception("request_failed")
+        return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+
+def peer_identity(request: web.Request) -> tuple[int, str]:
+    """The uid and user name of the process on the other end of the socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    uid = -1
+    if sock is not None and sock.family == socket.AF_UNIX:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+    if uid < 0:
+        raise ApiFailure(401, "unauthenticated", "the caller's identity is unknown")
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return uid, name
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise ApiFailure(415, "unsupported_media_type", "send Content-Type: application/json")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiFailure(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiFailure(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = True) -> Any:
+    if name not in body or body[name] is None:
+        if required:
+            raise ApiFailure(400, "missing_field", f"field {name!r} is required")
+        return None
+    value = body[name]
+    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ApiFailure(400, "wrong_type", f"field {name!r} must be {expected}")
+    return value
+
+
+def _check_name(kind: str, value: str, check: Callable[[str], str]) -> str:
+    try:
+        return check(value)
+    except DatastoreError as exc:
+        raise ApiFailure(400, "bad_name", f"{kind}: {exc}") from None
+
+
+_STEP_TYPES = {"start", "linear", "split", "foreach", "split-switch", "join", "end"}
+
+
+def validate_graph(graph: Any) -> dict[str, Any]:
+    """Check the shape of a submitted graph enough that the scheduler can trust it."""
+    if not isinstance(graph, dict) or not isinstance(graph.get("steps"), dict) or not graph["steps"]:
+        raise ApiFailure(400, "bad_graph", "graph.steps must be a non-empty object")
+    steps = graph["steps"]
+    if "start" not in steps or "end" not in steps:
+        raise ApiFailure(400, "bad_graph", "graph must have start and end steps")
+    for name, node in steps.items():
+        _check_name("step", name, layout.check_step)
+        if not isinstance(node, dict):
+            raise ApiFailure(400, "bad_graph", f"step {name!r} must be an object")
+        if node.get("type") not in _STEP_TYPES:
+            raise ApiFailure(400, "bad_graph", f"step {name!r} has unknown type {node.get('type')!r}")
+        out = node.get("out")
+        if not isinstance(out, list) or not all(isinstance(o, str) and o in steps for o in out):
+            raise ApiFailure(400, "bad_graph", f"step {name!r}: out must list steps of the graph")
+        for key, kind in (("is_join", bool), ("decorators", list), ("split_stack", list), ("foreach_stack", list)):
+            if not isinstance(node.get(key), kind):
+                raise ApiFailure(400, "bad_graph", f"step {name!r}: {key} must be {kind.__name__}")
+        if node["is_join"] and node.get("closes") not in steps:
+            raise ApiFailure(400, "bad_graph", f"join step {name!r} must name the split it closes")
+        if node["type"] == "foreach" and not isinstance(node.get("foreach_var"), str):
+            raise ApiFailure(400, "bad_graph", f"foreach step {name!r} needs foreach_var")
+        if node["type"] == "split-switch" and not (isinstance(node.get("cases"), dict) and isinstance(node.get("condition"), str)):
+            raise ApiFailure(400, "bad_graph", f"switch step {name!r} needs cases and condition")
+        for d in node["decorators"]:
+            if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("attributes"), dict)):
+                raise ApiFailure(400, "bad_graph", f"step {name!r}: decorators must be {{name, attributes}} objects")
+        for entry in node["split_stack"]:
+            if not (isinstance(entry, list) and len(entry) == 3 and entry[1] in steps):
+                raise ApiFailure(400, "bad_graph", f"step {name!r}: malformed split_stack")
+    return graph
+
+
+def _run_or_404(request: web.Request) -> Run:
+    engine = request.app[ENGINE]
+    flow = _check_name("flow", request.match_info["flow"], layout.check_flow)
+    run_id = _check_name("run id", request.match_info["run_id"], layout.check_run_id)
+    run = engine.runs.get(f"{flow}/{run_id}")
+    if run is None:
+        raise ApiFailure(404, "not_found", f"no run {flow}/{run_id} in this daemon")
+    return run
+
+
+def _int_query(request: web.Request, name: str, default: int, lo: int = 0, hi: int = 1 << 62) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiFailure(400, "bad_query", f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise ApiFailure(400, "bad_query", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "0").lower() in ("1", "true", "yes")
+
+
+# --------------------------------------------------------------------- handlers
+async def health(request: web.Request) -> web.Response:
+    """Liveness and a few numbers."""
+    import os
+
+    engine = request.app[ENGINE]
+    active = sum(1 for r in engine.runs.values() if not r.state.finished)
+    return web.json_response({"status": "ok" if engine.accepting else "stopping", "version": millstream.__version__,
+                              "pid": os.getpid(), "active_runs": active})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of this API."""
+    return web.json_response(OPENAPI)
+
+
+async def head_package(request: web.Request) -> web.Response:
+    """200 if the code package is stored, else 404."""
+    sha = _check_name("package", request.match_info["sha"], layout.check_sha)
+    exists = await request.app[ENGINE].store.exists(layout.package_key(sha))
+    return web.Response(status=200 if exists else 404)
+
+
+async def put_package(request: web.Request) -> web.Response:
+    """Store a code package under its sha256."""
+    sha = _check_name("package", request.match_info["sha"], layout.check_sha)
+    data = await request.read()
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise ApiFailure(400, "sha_mismatch", "the body's sha256 is not the one in the path")
+    from millstream.datastore.package import store_package
+
+    await store_package(request.app[ENGINE].store, sha, data)
+    return web.json_response({"sha": sha}, status=201)
+
+
+async def submit_run(request: web.Request) -> web.Response:
+    """Start a run."""
+    engine = request.app[ENGINE]
+    if not engine.accepting:
+        raise ApiFailure(503, "stopping", "the daemon is shutting down; submit again in a moment")
+    uid, user = peer_identity(request)
+    body = await _json(request)
+    flow = _check_name("flow", _field(body, "flow", str), layout.check_flow)
+    graph = validate_graph(body.get("graph"))
+    if graph.get("flow") not in (None, flow):
+        raise ApiFailure(400, "bad_graph", "graph.flow differs from flow")
+    _check_name("package", _field(body, "package", str), layout.check_sha)
+    module_file = _field(body, "module_file", str)
+    if Path(module_file).name != module_file or not module_file.endswith(".py"):
+        raise ApiFailure(400, "bad_module_file", "module_file must be a .py file name without directories")
+    class_name = _field(body, "class_name", str)
+    if not class_name.isidentifier():
+        raise ApiFailure(400, "bad_class_name", "class_name must be an identifier")
+    _field(body, "params", dict, required=False)
+    python = _field(body, "python", str, required=False)
+    if python is not None and not Path(python).is_absolute():
+        raise ApiFailure(400, "bad_python", "python must be an absolute path")
+    env = _field(body, "env", dict, required=False) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise ApiFailure(400, "wrong_type", "env must map strings to strings")
+    options = _field(body, "options", dict, required=False) or {}
+    for key, lo, hi in (("max_workers", 1, 10_000), ("max_num_splits", 1, 1_000_000)):
+        if key in options and (not isinstance(options[key], int) or isinstance(options[key], bool) or not lo <= options[key] <= hi):
+            raise ApiFailure(400, "bad_option", f"options.{key} must be an integer from {lo} to {hi}")
+    tags = options.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in tags):
+        raise ApiFailure(400, "bad_option", "options.tags must be a list of non-empty strings")
+    run = await engine.submit({**body, "graph": graph, "env": env, "options": options}, owner=user, owner_uid=uid)
+    return web.json_response({"flow": run.flow, "run_id": run.run_id, "pathspec": run.key, "owner": run.owner},
+                             status=201)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    """Runs, newest first, filtered and paged with an opaque cursor."""
+    engine = request.app[ENGINE]
+    limit = _int_query(request, "limit", 50, 1, MAX_PAGE)
+    flow = request.query.get("flow")
+    status = request.query.get("status")
+    owner = request.query.get("owner")
+    if status and status not in ("running", "ok", "failed", "cancelled"):
+        raise ApiFailure(400, "bad_query", "status must be running, ok, failed or cancelled")
+    summaries = {k: s for k, s in engine.finished.items()}
+    summaries.update({k: r.summary() for k, r in engine.runs.items()})
+    rows = [s for s in summaries.values() if (not flow or s["flow"] == flow) and (not status or s["status"] == status)
+            and (not owner or s["owner"] == owner)]
+    rows.sort(key=lambda s: (s["created_at"], s["flow"], s["run_id"]), reverse=True)
+    cursor = request.query.get("cursor")
+    if cursor:
+        try:
+            created, flow_c, run_c = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        except (ValueError, TypeError):
+            raise ApiFailure(400, "bad_query", "cursor is not one this API returned") from None
+        rows = [s for s in rows if (s["created_at"], s["flow"], s["run_id"]) < (created, flow_c, run_c)]
+    page = rows[:limit]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = base64.urlsafe_b64encode(json.dumps([last["created_at"], last["flow"], last["run_id"]]).encode()).decode()
+    return web.json_response({"runs": page, "next_cursor": next_cursor})
+
+
+def run_detail(run: Run) -> dict[str, Any]:
+    """A run's summary with per-step counts and every task's attempts."""
+    steps: dict[str, dict[str, int]] = {name: {s: 0 for s in (sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED)}
+                                        for name in run.graph["steps"]}
+    tasks = []
+    for task in run.state.tasks.values():
+        steps[task.step][task.status] += 1
+        tasks.append({"step": task.step, "task_id": task.task_id, "pathspec": f"{run.key}/{task.key}",
+                      "status": task.status, "attempts": [
+                          {"number": a.number, "status": a.status, "started_at": a.started_at,
+                           "finished_at": a.finished_at, "exit_code": a.exit_code, "message": a.message,
+                           "handle": a.handle} for a in task.attempts]})
+    return {**run.summary(), "steps": steps, "tasks": tasks, "params": run.params}
+
+
+async def get_run(request: web.Request) -> web.Response:
+    """One run in detail."""
+    return web.json_response(run_detail(_run_or_404(request)))
+
+
+async def _ndjson(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    return resp
+
+
+async def run_events(request: web.Request) -> web.StreamResponse:
+    """The run's events as NDJSON; ``follow=1`` keeps the stream open until the run ends."""
+    run = _run_or_404(request)
+    since = _int_query(request, "since", 0)
+    resp = await _ndjson(request)
+    batch: list[bytes] = []
+    async for event in run.events.follow(since, follow=_flag(request, "follow")):
+        batch.append(json.dumps(event, default=str).encode() + b"\n")
+        if len(batch) >= 256 or event["seq"] + 1 >= len(run.events.events):
+            await resp.write(b"".join(batch))
+            batch.clear()
+    if batch:
+        await resp.write(b"".join(batch))
+    await resp.write_eof()
+    return resp
+
+
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    """A task attempt's stdout or stderr from an offset; ``follow=1`` until the attempt ends."""
+    engine = request.app[ENGINE]
+    run = _run_or_404(request)
+    step = _check_name("step", request.match_info["step"], layout.check_step)
+    task_id = _check_name("task id", request.match_info["task_id"], layout.check_task_id)
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise ApiFailure(400, "bad_query", "stream must be stdout or stderr")
+    task = run.state.tasks.get(sch.task_key(step, task_id))
+    if task is None:
+        raise ApiFailure(404, "not_found", f"no task {step}/{task_id} in run {run.key}")
+    if not task.attempts:
+        raise ApiFailure(404, "not_started", f"task {step}/{task_id} has not started")
+    attempt_no = _int_query(request, "attempt", len(task.attempts) - 1, 0, len(task.attempts) - 1)
+    offset = _int_query(request, "offset", 0)
+    follow = _flag(request, "follow")
+    akey = AttemptKey(run.flow, run.run_id, step, task_id, attempt_no)
+    local_path = Path(engine._log_paths(run, akey)[0 if stream == "stdout" else 1])  # noqa: SLF001
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    attempt = task.attempts[attempt_no]
+    while True:
+        running = attempt.status == sch.RUNNING
+        data = b""
+        if local_path.exists():
+            with open(local_path, "rb") as f:
+                f.seek(offset)
+                data = f.read(1 << 20)
+        elif not running:
+            key = akey.stdout_key if stream == "stdout" else akey.stderr_key
+            try:
+                data = await engine.store.get_range(key, offset)
+            except NotFound:
+                data = b""
+        if data:
+            await resp.write(data)
+            offset += len(data)
+            continue
+        if not follow or not running:
+            break
+        await asyncio.sleep(0.2)
+    await resp.write_eof()
+    return resp
+
+
+async def cancel_run(request: web.Request) -> web.Response:
+    """Cancel a run: its owner (or root) only."""
+    run = _run_or_404(request)
+    uid, _ = peer_identity(request)
+    if uid not in (run.owner_uid, 0) and uid != __import__("os").getuid():
+        raise ApiFailure(403, "forbidden", f"only {run.owner} can cancel run {run.key}")
+    if not request.app[ENGINE].cancel(run):
+        raise ApiFailure(409, "finished", f"run {run.key} has already ended ({run.state.status})")
+    return web.json_response({"status": "cancelling"}, status=202)
+
+
+def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
+    """The aiohttp application serving the API."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+    app[ENGINE] = engine
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_route("HEAD", "/v1/packages/{sha}", head_package)
+    app.router.add_put("/v1/packages/{sha}", put_package)
+    app.router.add_post("/v1/runs", submit_run)
+    app.router.add_get("/v1/runs", list_runs)
+    app.router.add_get("/v1/runs/{flow}/{run_id}", get_run)
+    app.router.add_get("/v1/runs/{flow}/{run_id}/events", run_events)
+    app.router.add_get("/v1/runs/{flow}/{run_id}/logs/{step}/{task_id}", task_logs)
+    app.router.add_post("/v1/runs/{flow}/{run_id}/cancel", cancel_run)
+    return app
+
+
+__all__ = ["MillstreamError", "make_app", "run_detail", "validate_graph"]

@@ -1,0 +1,489 @@
+"""The async driver: runs, their attempts, checkpoints and recovery.
+
+The decisions come from :mod:`millstream.daemon.scheduler` (pure); this module does
+the I/O around them. Each run has one driver task that launches ready tasks under
+the run's ``max_workers``; each attempt has one watcher task that takes a share of
+the host's :class:`ResourcePool`, launches through the compute backend, waits, reads
+the done marker, stores the logs and feeds the outcome back. All of them are owned
+by the engine's task registry and awaited on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from millstream.compute.base import ComputeBackend, LaunchRequest
+from millstream.daemon import scheduler as sch
+from millstream.daemon.checkpoint import Checkpointer, dumps, run_record_key, summary_key
+from millstream.daemon.events import EventLog
+from millstream.daemon.logs import LogTailer
+from millstream.daemon.resources import ResourcePool
+from millstream.datastore import layout
+from millstream.datastore.package import extract_package, fetch_package
+from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
+from millstream.datastore.storage import ObjectStore
+from millstream.errors import ComputeError, DatastoreError, NotFound, SchedulerError
+from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
+
+log = structlog.get_logger(__name__)
+
+# After a timeout the attempt's process group gets this long to die of SIGALRM
+# (which lets @catch and the done marker happen) before it is killed.
+TIMEOUT_GRACE_S = 5.0
+
+
+@dataclass
+class Run:
+    """One run the daemon drives: its submission, state and live bits."""
+
+    flow: str
+    run_id: str
+    owner: str
+    owner_uid: int
+    graph: dict[str, Any]
+    params: dict[str, Any]
+    package: str
+    module_file: str
+    class_name: str
+    python: str
+    env: dict[str, str]
+    options: dict[str, Any]
+    created_at: float
+    state: sch.RunState
+    finished_at: float | None = None
+    recovered: bool = False
+    events: EventLog = field(default_factory=EventLog)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    package_dir: str = ""
+
+    @property
+    def key(self) -> str:
+        """``flow/run_id``."""
+        return f"{self.flow}/{self.run_id}"
+
+    def record(self) -> dict[str, Any]:
+        """The submission as stored in the datastore."""
+        return {k: getattr(self, k) for k in (
+            "flow", "run_id", "owner", "owner_uid", "graph", "params", "package", "module_file",
+            "class_name", "python", "env", "options", "created_at")}
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view: ``runs`` lists these."""
+        status = self.state.status
+        if status in ("failing", "cancelling"):
+            status = "running"
+        return {"flow": self.flow, "run_id": self.run_id, "status": status, "owner": self.owner,
+                "created_at": self.created_at, "finished_at": self.finished_at,
+                "message": self.state.message, "tags": list(self.options.get("tags", []))}
+
+
+class Engine:
+    """Holds every run of this daemon and drives each to its end."""
+
+    def __init__(self, *, store: ObjectStore, backend: ComputeBackend, datastore_config: dict[str, Any],
+                 state_dir: Path, daemon_id: str, pool: ResourcePool, default_cpu: float = 0.5,
+                 kill_grace_s: float = 5.0, checkpoint_interval_s: float = 0.05) -> None:
+        self.store = store
+        self.backend = backend
+        self.datastore_config = datastore_config
+        self.state_dir = state_dir
+        self.daemon_id = daemon_id
+        self.pool = pool
+        self.default_cpu = default_cpu
+        self.kill_grace_s = kill_grace_s
+        self.runs: dict[str, Run] = {}
+        self.finished: dict[str, dict[str, Any]] = {}  # summaries of runs finished before this start
+        self.accepting = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._next_ids: dict[str, int] = {}
+        self._id_lock = asyncio.Lock()
+        self._package_locks: dict[str, asyncio.Lock] = {}
+        self.stop = asyncio.Event()
+        self.checkpoints = Checkpointer(store, daemon_id, self._snapshot, self._active,
+                                        interval_s=checkpoint_interval_s)
+        self.tailer = LogTailer()
+
+    # ----------------------------------------------------------------- task ownership
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_crashed", task=task.get_name(), error=repr(task.exception()),
+                      exc_info=task.exception())
+
+    async def start(self) -> None:
+        """Load what the datastore knows, recover unfinished runs, start background work."""
+        self._spawn(self.checkpoints.run(self.stop), "checkpointer")
+        self._spawn(self.tailer.run(self.stop), "log-tailer")
+        await self._load_summaries()
+        await self._recover()
+
+    async def shutdown(self, deadline_s: float = 5.0) -> None:
+        """Stop intake, stop watching (attempts keep running), write the last checkpoint."""
+        self.accepting = False
+        for run in self.runs.values():
+            for t in list(run.inflight.values()):
+                t.cancel()
+        drivers = [t for t in self._tasks if t.get_name().startswith(("drive-", "attempt-"))]
+        for t in drivers:
+            t.cancel()
+        if drivers:
+            await asyncio.wait(drivers, timeout=deadline_s)
+        self.stop.set()
+        rest = list(self._tasks)
+        if rest:
+            await asyncio.wait(rest, timeout=deadline_s)
+        with contextlib.suppress(Exception):
+            await self.checkpoints.flush()
+        await self.backend.close()
+
+    # ----------------------------------------------------------------- checkpoints
+    def _snapshot(self, run_key: str) -> tuple[str, str, dict[str, Any]] | None:
+        run = self.runs.get(run_key)
+        if run is None:
+            return None
+        return run.flow, run.run_id, run.state.to_dict()
+
+    def _active(self) -> list[list[str]]:
+        return [[r.flow, r.run_id] for r in self.runs.values() if not r.state.finished]
+
+    async def _write_summary(self, run: Run) -> None:
+        await self.store.put(summary_key(self.daemon_id, run.flow, run.run_id), dumps(run.summary()))
+
+    async def _load_summaries(self) -> None:
+        prefix = f"daemon/{layout.check_daemon_id(self.daemon_id)}/runs/"
+        for key in await self.store.list(prefix):
+            with contextlib.suppress(Exception):
+                import json
+
+                summary = json.loads(await self.store.get(key))
+                self.finished[f"{summary['flow']}/{summary['run_id']}"] = summary
+                flow, run_id = summary["flow"], summary["run_id"]
+                if run_id.isdigit():
+                    self._next_ids[flow] = max(self._next_ids.get(flow, 1), int(run_id) + 1)
+
+    # ----------------------------------------------------------------- submission
+    async def allocate_run_id(self, flow: str, owner: str) -> str:
+        """The next run id of a flow: monotonic, claimed with put-if-absent so it never collides."""
+        async with self._id_lock:
+            n = self._next_ids.get(flow, 1)
+            while True:
+                claim = f"{layout.run_prefix(flow, str(n))}_run/claim.json"
+                if await self.store.put_if_absent(claim, dumps({"daemon": self.daemon_id, "owner": owner,
+                                                                "at": time.time()})):
+                    self._next_ids[flow] = n + 1
+                    return str(n)
+                n += 1
+
+    async def submit(self, body: dict[str, Any], *, owner: str, owner_uid: int) -> Run:
+        """Accept a validated submission and start driving it."""
+        if not self.accepting:
+            raise SchedulerError("the daemon is shutting down")
+        graph = body["graph"]
+        self._check_resources(graph)
+        try:
+            await self.store.get(layout.package_key(body["package"]))
+        except NotFound:
+            raise SchedulerError(f"code package {body['package']} was not uploaded") from None
+        flow = body["flow"]
+        run_id = await self.allocate_run_id(flow, owner)
+        options = dict(body.get("options", {}))
+        state = sch.initial_state(flow, run_id, max_num_splits=int(options.get("max_num_splits", 100)))
+        run = Run(flow=flow, run_id=run_id, owner=owner, owner_uid=owner_uid, graph=graph,
+                  params=body.get("params", {}), package=body["package"], module_file=body["module_file"],
+                  class_name=body["class_name"], python=body.get("python") or sys.executable,
+                  env=dict(body.get("env") or {}), options=options, created_at=time.time(), state=state)
+        await self.store.put(run_record_key(flow, run_id), dumps(run.record()))
+        await self.store.put(layout.params_key(flow, run_id), dumps(run.params))
+        self.runs[run.key] = run
+        await self._write_summary(run)
+        self.checkpoints.mark(run.key, index=True)
+        run.events.emit("run_started", flow=flow, run_id=run_id)
+        log.info("run_submitted", run=run.key, owner=owner, steps=len(graph["steps"]))
+        self._spawn(self._drive(run), f"drive-{run.key}")
+        return run
+
+    def _check_resources(self, graph: dict[str, Any]) -> None:
+        for name in graph["steps"]:
+            cpu, memory = self._demand(graph, name)
+            self.pool.check(cpu, memory)
+
+    def _demand(self, graph: dict[str, Any], step: str) -> tuple[float, int]:
+        res = sch._decorator(graph, step, "resources")  # noqa: SLF001 - same package
+        if res is None:
+            return self.default_cpu, 0
+        return float(res.get("cpu") or self.default_cpu), int(res.get("memory") or 0)
+
+    def cancel(self, run: Run, message: str = "cancelled by user") -> bool:
+        """Cancel a run; False if it had already ended."""
+        if run.state.status != sch.RUNNING:
+            return False
+        self._apply(run, sch.cancel_run(run.state, message))
+        return True
+
+    # ----------------------------------------------------------------- driving
+    async def _package_dir(self, run: Run) -> str:
+        target = self.state_dir / "packages" / run.package
+        if target.is_dir():
+            return str(target)
+        lock = self._package_locks.setdefault(run.package, asyncio.Lock())
+        async with lock:
+            if not target.is_dir():
+                data = await fetch_package(self.store, run.package)
+                tmp = target.with_name(f".tmp-{run.package}-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                await asyncio.to_thread(extract_package, data, tmp)
+                os.replace(tmp, target)
+        return str(target)
+
+    async def _drive(self, run: Run) -> None:
+        try:
+            run.package_dir = await self._package_dir(run)
+        except (DatastoreError, OSError) as exc:
+            run.state.status = sch.FAILED
+            run.state.message = f"cannot unpack the code package: {exc}"
+            self._finish(run)
+            return
+        max_workers = int(run.options.get("max_workers", 16))
+        while not run.state.finished:
+            run.wake.clear()
+            now = time.time()
+            for task in sch.ready_tasks(run.state, now):
+                if len(run.inflight) >= max_workers:
+                    break
+                if task.key not in run.inflight:
+                    run.inflight[task.key] = self._spawn(self._attempt(run, task.key), f"attempt-{run.key}/{task.key}")
+            wakeup = sch.next_wakeup(run.state)
+            timeout = max(0.0, wakeup - time.time()) if wakeup else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.wake.wait(), timeout)
+        while run.inflight:
+            await asyncio.wait(list(run.inflight.values()))
+
+    def _spec(self, run: Run, task: sch.Task, number: int) -> TaskSpec:
+        parents = []
+        for step, task_id in task.parents:
+            parent = run.state.tasks[sch.task_key(step, task_id)]
+            parents.append(ParentRef(step=step, task=task_id, attempt=parent.ok_attempt or 0))
+        return TaskSpec(
+            flow=run.flow, run_id=run.run_id, step=task.step, task_id=task.task_id, attempt=number,
+            package_dir=run.package_dir, module_file=run.module_file, class_name=run.class_name,
+            datastore=self.datastore_config, params=run.params, node=run.graph["steps"][task.step],
+            parents=parents, split_index=task.split_index,
+            max_user_retries=sch.max_user_retries(run.graph, task.step),
+            tags=list(run.options.get("tags", [])), username=run.owner,
+            origin_run_id=run.options.get("origin_run_id"),
+        )
+
+    def _log_paths(self, run: Run, key: AttemptKey) -> tuple[str, str]:
+        base = self.state_dir / "logs" / run.flow / run.run_id / key.step / key.task
+        return str(base / f"{key.attempt}.stdout"), str(base / f"{key.attempt}.stderr")
+
+    def _timeout_s(self, run: Run, step: str) -> float | None:
+        t = sch._decorator(run.graph, step, "timeout")  # noqa: SLF001 - same package
+        if not t:
+            return None
+        return float(t["seconds"] + 60 * t["minutes"] + 3600 * t["hours"])
+
+    async def _attempt(self, run: Run, key: str) -> None:
+        task = run.state.tasks[key]
+        cpu, memory = self._demand(run.graph, task.step)
+        try:
+            if run.recovered and await self._adopt_attempts(run, task):
+                return
+            await self.pool.acquire(cpu, memory)
+            try:
+                if run.state.status != sch.RUNNING or task.status != sch.PENDING:
+                    return
+                number = len(task.attempts)
+                akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, number)
+                out, err = self._log_paths(run, akey)
+                request = LaunchRequest(spec=self._spec(run, task, number), stdout_path=out, stderr_path=err,
+                                        python=run.python, env=run.env, cpu=cpu, memory_mb=memory,
+                                        timeout_s=self._timeout_s(run, task.step))
+                try:
+                    handle = await self.backend.launch(request)
+                except ComputeError as exc:
+                    sch.attempt_started(run.state, key, None, time.time())
+                    code = EXIT_INFRA_FAILURE if exc.retryable else EXIT_NO_RETRY
+                    self._finished(run, task, number, code, None, str(exc))
+                    return
+                attempt = sch.attempt_started(run.state, key, handle, time.time())
+                self._started(run, task, attempt)
+                await self._watch(run, task, attempt, request.timeout_s)
+            finally:
+                await self.pool.release(cpu, memory)
+        finally:
+            if run.inflight.get(key) is asyncio.current_task():
+                del run.inflight[key]
+            run.wake.set()
+
+    def _started(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
+        pathspec = f"{run.key}/{task.key}"
+        handle = attempt.handle or {}
+        run.events.emit("task_started", pathspec=pathspec, step=task.step, task_id=task.task_id,
+                        attempt=attempt.number, pid=handle.get("pid"))
+        out, err = self._log_paths(run, AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number))
+        self.tailer.watch((run.key, task.key, attempt.number), run.events, pathspec, attempt.number, out, err)
+        self.checkpoints.mark(run.key)
+
+    async def _watch(self, run: Run, task: sch.Task, attempt: sch.Attempt, timeout_s: float | None) -> None:
+        handle = attempt.handle or {}
+        message = None
+        timed_out = False
+        waiter = asyncio.ensure_future(self.backend.wait(handle))
+        try:
+            if timeout_s:
+                remaining = timeout_s + TIMEOUT_GRACE_S - (time.time() - (attempt.started_at or time.time()))
+                done, _ = await asyncio.wait({waiter}, timeout=max(0.0, remaining))
+                if not done:
+                    timed_out = True
+                    message = f"timed out after {timeout_s:g} s (@timeout); the process group was killed"
+                    await self.backend.cancel(handle, grace_s=0)
+            code = await waiter
+        except asyncio.CancelledError:
+            waiter.cancel()
+            raise
+        akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number)
+        done_record = await read_done(self.store, akey)
+        if code is None:
+            code = int(done_record.get("exit_code", 0)) if done_record else -9
+        await self.tailer.finish((run.key, task.key, attempt.number))
+        await self._store_logs(run, akey)
+        self._finished(run, task, attempt.number, code, done_record, message, kind="user" if timed_out else None)
+
+    async def _store_logs(self, run: Run, akey: AttemptKey) -> None:
+        for path, key in zip(self._log_paths(run, akey), (akey.stdout_key, akey.stderr_key)):
+            try:
+                if os.path.getsize(path) > 0:
+                    await self.store.put_file(key, Path(path))
+            except FileNotFoundError:
+                continue
+            except DatastoreError as exc:
+                log.warning("log_store_failed", key=key, error=str(exc))
+
+    def _finished(self, run: Run, task: sch.Task, number: int, code: int, done: dict[str, Any] | None,
+                  message: str | None, kind: str | None = None) -> None:
+        decisions = sch.attempt_finished(run.graph, run.state, task.key, number, exit_code=code, done=done,
+                                         now=time.time(), message=message)
+        attempt = task.attempts[number]
+        if kind and attempt.status == sch.FAILED:
+            attempt.kind = kind
+        run.events.emit("task_finished", pathspec=f"{run.key}/{task.key}", attempt=number, status=attempt.status,
+                        exit_code=code, message=attempt.message if attempt.status != sch.OK else None,
+                        retrying=task.status == sch.PENDING)
+        self._apply(run, decisions)
+
+    def _apply(self, run: Run, decisions: sch.Decisions) -> None:
+        for key, number in decisions.cancel:
+            handle = run.state.tasks[key].attempts[number].handle
+            if handle:
+                self._spawn(self.backend.cancel(handle, grace_s=self.kill_grace_s), f"cancel-{run.key}/{key}")
+        if decisions.finished:
+            self._finish(run)
+        else:
+            self.checkpoints.mark(run.key)
+        run.wake.set()
+
+    def _finish(self, run: Run) -> None:
+        run.finished_at = time.time()
+        run.events.emit("run_finished", status=run.state.status, message=run.state.message)
+        log.info("run_finished", run=run.key, status=run.state.status, message=run.state.message)
+        self.checkpoints.mark(run.key, index=True)
+        self._spawn(self._write_summary(run), f"summary-{run.key}")
+        run.wake.set()
+
+    # ----------------------------------------------------------------- recovery
+    async def _recover(self) -> None:
+        import json
+
+        try:
+            index = json.loads(await self.store.get(layout.active_runs_key(self.daemon_id)))
+        except NotFound:
+            return
+        for flow, run_id in index.get("runs", []):
+            try:
+                record = json.loads(await self.store.get(run_record_key(flow, run_id)))
+                try:
+                    state = sch.RunState.from_dict(json.loads(await self.store.get(layout.checkpoint_key(flow, run_id))))
+                except NotFound:
+                    state = sch.initial_state(flow, run_id, max_num_splits=int(record["options"].get("max_num_splits", 100)))
+            except (NotFound, ValueError, KeyError) as exc:
+                log.error("recovery_skipped_run", run=f"{flow}/{run_id}", error=str(exc))
+                continue
+            run = Run(**record, state=state, recovered=True)
+            self.runs[run.key] = run
+            run.events.emit("run_started", flow=flow, run_id=run_id, recovered=True)
+            log.info("run_recovering", run=run.key, tasks=len(state.tasks))
+            if state.finished:
+                self._finish(run)
+                continue
+            self._spawn(self._resume(run), f"drive-{run.key}")
+
+    async def _resume(self, run: Run) -> None:
+        run.package_dir = await self._package_dir(run)
+        for task in list(run.state.tasks.values()):
+            for attempt in list(task.attempts):
+                if attempt.status == sch.RUNNING:
+                    await self._reconcile(run, task, attempt)
+        self._apply(run, sch.settle(run.state))
+        await self._drive(run)
+
+    async def _reconcile(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
+        akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number)
+        done = await read_done(self.store, akey)
+        if done is not None:
+            await self._store_logs(run, akey)
+            self._finished(run, task, attempt.number, int(done.get("exit_code", 0)), done, None)
+            return
+        handle = attempt.handle
+        if not handle:
+            started = await read_started(self.store, akey)
+            if started:
+                handle = {"pid": started["pid"], "pgid": started["pid"], "proc_start": started.get("proc_start"),
+                          "via": "reattached"}
+                attempt.handle = handle
+        if handle and await self.backend.reattach(handle):
+            log.info("attempt_reattached", run=run.key, task=task.key, attempt=attempt.number, pid=handle.get("pid"))
+            self._started(run, task, attempt)
+            run.inflight[task.key] = self._spawn(self._rewatch(run, task, attempt), f"attempt-{run.key}/{task.key}")
+            return
+        self._finished(run, task, attempt.number, -9, None, "the attempt was lost while the daemon was down")
+
+    async def _rewatch(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
+        try:
+            await self._watch(run, task, attempt, self._timeout_s(run, task.step))
+        finally:
+            if run.inflight.get(task.key) is asyncio.current_task():
+                del run.inflight[task.key]
+            run.wake.set()
+
+    async def _adopt_attempts(self, run: Run, task: sch.Task) -> bool:
+        """In a recovered run, take over attempts launched before the checkpoint knew of them."""
+        known = len(task.attempts)
+        found = [n for n in await list_attempts(self.store, run.flow, run.run_id, task.step, task.task_id) if n >= known]
+        if not found:
+            return False
+        for number in range(known, max(found) + 1):
+            attempt = sch.attempt_started(run.state, task.key, None, time.time())
+            assert attempt.number == number
+            await self._reconcile(run, task, attempt)
+            if task.status != sch.PENDING:
+                break
+        return task.status != sch.PENDING

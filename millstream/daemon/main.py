@@ -1,0 +1,112 @@
+"""``millstream daemon``: the scheduler process, in the foreground.
+
+``asyncio.run`` owns the loop; SIGTERM and SIGINT only set the stop event. Shutdown
+is ordered and bounded: stop intake, stop watching attempts (they keep running in
+their own sessions), write the last checkpoint, close the socket, exit 0. A daemon
+started later takes the runs back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from millstream.compute.local import LocalBackend
+from millstream.config.settings import Settings
+from millstream.daemon.api import make_app
+from millstream.daemon.engine import Engine
+from millstream.daemon.resources import ResourcePool, host_memory_mb
+from millstream.datastore.backends import open_store
+
+
+def configure_logging() -> None:
+    """structlog: JSON lines when not on a TTY (journald), readable on a terminal."""
+    renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info, renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+
+
+def _socket_in_use(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        return True
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+    log = structlog.get_logger("millstream.daemon")
+    sock_path = settings.daemon.socket
+    if _socket_in_use(sock_path):
+        log.error("socket_in_use", socket=sock_path)
+        return 1
+    Path(sock_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    state_dir = Path(settings.daemon.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    datastore_config = {"type": settings.datastore.type, "root": settings.datastore.root,
+                        "durable": settings.datastore.durable}
+    store = open_store(datastore_config)
+    cores = os.cpu_count() or 1
+    local = settings.local
+    pool = ResourcePool(slots=local.max_slots or 4 * cores, cpus=local.max_cpus or float(cores),
+                        memory_mb=local.max_memory_mb or host_memory_mb())
+    backend = LocalBackend(fork=local.fork, spool_dir=state_dir / "spool", zygote_idle_s=local.zygote_idle_s)
+    engine = Engine(store=store, backend=backend, datastore_config=datastore_config, state_dir=state_dir,
+                    daemon_id=settings.daemon.id, pool=pool, default_cpu=local.default_cpu,
+                    kill_grace_s=local.kill_grace_s, checkpoint_interval_s=settings.daemon.checkpoint_interval_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    app = make_app(engine, max_body_bytes=settings.daemon.max_body_mb << 20)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.UnixSite(runner, sock_path)
+    await site.start()
+    os.chmod(sock_path, 0o600)
+    log.info("daemon_ready", socket=sock_path, pid=os.getpid(), datastore=settings.datastore.root,
+             slots=pool.slots, cpus=pool.cpus)
+    if ready is not None:
+        ready.set()
+
+    async def retire_zygotes() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 30)
+            await backend.retire_idle()
+
+    retirer = asyncio.create_task(retire_zygotes())
+    await stop.wait()
+    log.info("daemon_stopping")
+    engine.accepting = False
+    await engine.shutdown(settings.daemon.shutdown_timeout_s)
+    retirer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await retirer
+    await runner.cleanup()
+    log.info("daemon_stopped")
+    return 0
+
+
+def run_daemon(settings: Settings) -> int:
+    """Entry point of ``millstream daemon``."""
+    configure_logging()
+    return asyncio.run(serve(settings))

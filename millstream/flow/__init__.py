@@ -1,0 +1,1 @@
+"""The authoring API: FlowSpec, step, decorators, Parameter, current and the graph."""
