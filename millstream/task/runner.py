@@ -62,19 +62,34 @@ class CaughtException:
 
 
 class _Loop:
-    """A private event loop in a thread, so sync code (lazy artifacts) can await I/O."""
+    """Runs datastore coroutines from sync code (the runner, lazy artifact loads).
+
+    A private loop on the main thread, except while the user's own event loop runs
+    there (a step that calls ``asyncio.run`` and reads an artifact inside it): then
+    the coroutine runs on a loop in a helper thread.
+    """
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="millstream-io", daemon=True)
-        self.thread.start()
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self.loop.run_until_complete(coro)
+        if self._thread_loop is None:
+            self._thread_loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._thread_loop.run_forever, name="millstream-io", daemon=True)
+            self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._thread_loop).result()
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+        self.loop.close()
+        if self._thread_loop is not None and self._thread is not None:
+            self._thread_loop.call_soon_threadsafe(self._thread_loop.stop)
+            self._thread.join(timeout=5)
 
 
 class _NoRetry(Exception):
@@ -342,7 +357,7 @@ def run_spec(spec: TaskSpec, flow_cls: type[FlowSpec] | None = None) -> int:
     try:
         if flow_cls is None:
             flow_cls = load_flow_class(spec.package_dir, spec.module_file, spec.class_name)
-        store = open_store(spec.datastore)
+        store = open_store({**spec.datastore, "inline": True})
     except BaseException:
         traceback.print_exc()
         return EXIT_INFRA_FAILURE

@@ -74,7 +74,9 @@ def main() -> int:
     # Children must not inherit our stdout (the pipe to the daemon).
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     try:
-        from millstream.task import runner  # noqa: F401 - imported once, used by children
+        # Import once here what every child needs, so a fork starts with it loaded.
+        from millstream.datastore import local  # noqa: F401
+        from millstream.task import runner
 
         flow_cls = runner.load_flow_class(package_dir, module_file, class_name)
     except BaseException:
