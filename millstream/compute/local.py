@@ -149,7 +149,9 @@ class LocalBackend:
                     fut.set_result(int(msg["exit"]))
                 zyg.running -= 1
             elif ident in zyg.pending:
-                zyg.pending.pop(ident).set_result(msg)
+                fut = zyg.pending.pop(ident)
+                if not fut.done():  # the launcher may have been cancelled meanwhile
+                    fut.set_result(msg)
         # The zygote is gone: its children live on, watch them by pidfd instead.
         for fut in zyg.pending.values():
             if not fut.done():
@@ -299,7 +301,10 @@ class LocalBackend:
         if zyg.reader is not None:
             zyg.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await zyg.reader
+                try:
+                    await zyg.reader
+                except Exception:
+                    log.exception("zygote_reader_failed", zygote=zyg.key)
 
     async def close(self) -> None:
         """Stop every zygote; running attempts carry on in their own sessions."""

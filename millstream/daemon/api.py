@@ -314,7 +314,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     batch: list[bytes] = []
     async for event in run.events.follow(since, follow=_flag(request, "follow")):
         batch.append(json.dumps(event, default=str).encode() + b"\n")
-        if len(batch) >= 256 or event["seq"] + 1 >= len(run.events.events):
+        if len(batch) >= 256 or event is run.events.events[-1]:
             await resp.write(b"".join(batch))
             batch.clear()
     if batch:

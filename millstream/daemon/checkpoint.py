@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ class Checkpointer:
         self._index_dirty = False
         self._wake = asyncio.Event()
         self.writes = 0
+        self.last_flush_s = 0.0
 
     def mark(self, run_key: str, *, index: bool = False) -> None:
         """Note that a run changed (and, with ``index``, that the active set changed)."""
@@ -77,10 +79,14 @@ class Checkpointer:
         """Write dirty state until ``stop`` is set, then once more."""
         while not stop.is_set():
             self._wake.clear()
+            started = time.monotonic()
             try:
                 await self.flush()
             except Exception:
                 log.exception("checkpoint_failed")
+            self.last_flush_s = time.monotonic() - started
+            # Back off while writes are slow (a big run): checkpoints cost at most ~1/4 of the loop.
+            pause = max(self.interval_s, 3 * self.last_flush_s)
             waiter = asyncio.create_task(self._wake.wait())
             stopper = asyncio.create_task(stop.wait())
             try:
@@ -88,5 +94,5 @@ class Checkpointer:
             finally:
                 waiter.cancel()
                 stopper.cancel()
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(pause)
         await self.flush()

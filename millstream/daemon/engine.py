@@ -138,6 +138,7 @@ class Engine:
         """Stop intake, stop watching (attempts keep running), write the last checkpoint."""
         self.accepting = False
         for run in self.runs.values():
+            run.events.close()
             for t in list(run.inflight.values()):
                 t.cancel()
         drivers = [t for t in self._tasks if t.get_name().startswith(("drive-", "attempt-"))]

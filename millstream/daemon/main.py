@@ -77,7 +77,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
     app = make_app(engine, max_body_bytes=settings.daemon.max_body_mb << 20)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s))
     await runner.setup()
     site = web.UnixSite(runner, sock_path)
     await site.start()

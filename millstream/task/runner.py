@@ -271,7 +271,11 @@ class TaskRunner:
         values = {n: v for n, v in flow.__dict__.items() if not n.startswith("__") and not n.startswith("_ms_")}
         try:
             refs = self.io.run(self.artifacts.save(values))
-        except (TypeError, AttributeError, ValueError) as exc:  # pickling errors
+        except DatastoreError as exc:
+            # save() wraps a pickling error (TypeError, PicklingError, ...) as the cause;
+            # an I/O failure has an OSError cause, or none.
+            if exc.__cause__ is None or isinstance(exc.__cause__, OSError):
+                raise
             raise _NoRetry(f"an artifact of step {self.spec.step!r} cannot be stored: {exc}") from None
         refs.update(flow._ms_lazy)
         return {name: ref.to_dict() for name, ref in sorted(refs.items())}

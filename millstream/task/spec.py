@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 # Exit codes of a task process. A retry may help after USER_FAILURE (per @retry) and
@@ -52,7 +52,9 @@ class TaskSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
-        return asdict(self)
+        data = dict(self.__dict__)
+        data["parents"] = [dict(p.__dict__) for p in self.parents]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TaskSpec:

@@ -1,0 +1,288 @@
+"""What the notebook Client API reads, and the reader that finds it in the datastore.
+
+:class:`RunReader` is the port :mod:`millstream.client.api` depends on: a handful of
+async questions about flows, runs, tasks and attempts. :class:`DatastoreView` answers
+them from the object store alone, until the metadata store can answer the listing
+questions faster; a reader over it only has to implement the same protocol.
+
+Where each answer comes from, and what it costs:
+
+======================  ==================================================  ==============
+question                source                                              cost
+======================  ==================================================  ==============
+flows, run ids          ``daemon/<id>/runs/<flow>/<run>.json`` keys         one listing
+a run                   ``<flow>/<run>/_run/run.json`` (owner, tags, time)  one get
+its tasks and status    ``<flow>/<run>/_run/checkpoint.json``               one get
+parameters              ``<flow>/<run>/_run/params.json``                   one get
+a task's attempts       keys under ``<flow>/<run>/<step>/<task>/``          one listing
+an attempt's outcome    ``.../<attempt>/done.json``                         one get
+logs, artifacts         ``.../<attempt>/stdout``, ``<flow>/data/...``       one get each
+======================  ==================================================  ==============
+
+So iterating a flow's runs costs one listing plus one small read per run visited,
+never anything per task. A run without a daemon summary (its daemon died between
+storing the submission and the summary) is still reachable by its pathspec, but not
+listed. Run ids are ordered newest first by number, since the daemon allocates them
+monotonically per flow; ids that are not numbers come after, in reverse text order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from millstream.datastore import layout
+from millstream.datastore.artifacts import ArtifactRef, ArtifactStore
+from millstream.datastore.records import AttemptKey, decode_record, list_attempts, read_done
+from millstream.datastore.storage import ObjectStore
+from millstream.errors import DatastoreError, NotFound
+
+CHECKPOINT_VERSION = 1
+
+# The scheduler's transient states read as "running", as in the daemon's run summaries.
+_STATUS = {"failing": "running", "cancelling": "running"}
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run's submission: who started it, when, with which tags."""
+
+    flow: str
+    run_id: str
+    owner: str
+    created_at: float | None
+    tags: tuple[str, ...] = ()
+    origin_run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEntry:
+    """One task of a run as the scheduler last recorded it."""
+
+    step: str
+    task_id: str
+    index: tuple[int, ...]
+    status: str
+    attempts: int
+    started_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    """A run's scheduler state: its status and its tasks, in the order they were created."""
+
+    status: str
+    message: str | None
+    tasks: tuple[TaskEntry, ...]
+
+    @property
+    def finished(self) -> bool:
+        """True once the run has an end state, so this answer can no longer change."""
+        return self.status in ("ok", "failed", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """The exception that failed an attempt, as the task runner recorded it."""
+
+    type: str
+    message: str
+    traceback: str
+
+    def __str__(self) -> str:
+        return self.traceback or f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptOutcome:
+    """An attempt's done marker: how it ended and what it stored."""
+
+    status: str
+    artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    foreach_stack: tuple[dict[str, Any], ...] = ()
+    exception: TaskFailure | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class RunReader(Protocol):
+    """The questions the Client API asks; every answer for a missing object is None or empty."""
+
+    async def flows(self) -> list[str]:
+        """Names of every flow with at least one listed run, sorted."""
+        ...
+
+    async def run_ids(self, flow: str) -> list[str]:
+        """Ids of a flow's listed runs, newest first."""
+        ...
+
+    async def run(self, flow: str, run_id: str) -> RunRecord | None:
+        """A run's submission record."""
+        ...
+
+    async def progress(self, flow: str, run_id: str) -> RunProgress | None:
+        """A run's scheduler state, None before the first checkpoint."""
+        ...
+
+    async def params(self, flow: str, run_id: str) -> dict[str, Any]:
+        """A run's parameter values, in their JSON form."""
+        ...
+
+    async def attempts(self, flow: str, run_id: str, step: str, task_id: str) -> list[int]:
+        """Numbers of a task's attempts that left a record, sorted."""
+        ...
+
+    async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
+                      attempt: int) -> AttemptOutcome | None:
+        """An attempt's outcome, None while it runs."""
+        ...
+
+    async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
+                  stream: str) -> bytes:
+        """An attempt's stored stdout or stderr, empty if none was stored."""
+        ...
+
+    async def artifact(self, flow: str, sha: str) -> Any:
+        """The unpickled artifact with id ``sha``."""
+        ...
+
+
+class DatastoreView:
+    """A :class:`RunReader` over an :class:`ObjectStore` and its layout."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._artifact_stores: dict[str, ArtifactStore] = {}
+
+    def __repr__(self) -> str:
+        return f"DatastoreView({self.store!r})"
+
+    async def flows(self) -> list[str]:
+        """Names of every flow some daemon summarised a run of."""
+        return sorted({flow for flow, _ in await self._summarised()})
+
+    async def run_ids(self, flow: str) -> list[str]:
+        """A flow's summarised runs, newest first."""
+        layout.check_flow(flow)
+        ids = {run_id for name, run_id in await self._summarised() if name == flow}
+        numbers = sorted((i for i in ids if i.isdigit()), key=int, reverse=True)
+        return numbers + sorted((i for i in ids if not i.isdigit()), reverse=True)
+
+    async def run(self, flow: str, run_id: str) -> RunRecord | None:
+        """The run's ``run.json``, reduced to what the client shows."""
+        key = f"{layout.run_prefix(flow, run_id)}{layout.RUN_DIR}/run.json"
+        record = await self._read(key)
+        if record is None:
+            return None
+        options = record.get("options") or {}
+        created = record.get("created_at")
+        return RunRecord(
+            flow=flow, run_id=run_id, owner=str(record.get("owner") or ""),
+            created_at=float(created) if isinstance(created, (int, float)) else None,
+            tags=tuple(str(t) for t in options.get("tags") or ()),
+            origin_run_id=options.get("origin_run_id"),
+        )
+
+    async def progress(self, flow: str, run_id: str) -> RunProgress | None:
+        """The run's checkpoint, reduced to its status and task table."""
+        key = layout.checkpoint_key(flow, run_id)
+        state = await self._read(key)
+        if state is None:
+            return None
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise DatastoreError(f"checkpoint {key} has version {state.get('version')!r}; "
+                                 f"this client reads version {CHECKPOINT_VERSION}")
+        try:
+            tasks = tuple(_task_entry(t) for t in state.get("tasks", {}).values())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatastoreError(f"corrupt checkpoint {key}: {exc!r}") from exc
+        status = str(state.get("status", "running"))
+        return RunProgress(status=_STATUS.get(status, status), message=state.get("message"), tasks=tasks)
+
+    async def params(self, flow: str, run_id: str) -> dict[str, Any]:
+        """The run's ``params.json``; empty if it has none."""
+        return await self._read(layout.params_key(flow, run_id)) or {}
+
+    async def attempts(self, flow: str, run_id: str, step: str, task_id: str) -> list[int]:
+        """Attempt numbers found under the task's folder."""
+        return await list_attempts(self.store, flow, run_id, step, task_id)
+
+    async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
+                      attempt: int) -> AttemptOutcome | None:
+        """The attempt's ``done.json``, parsed."""
+        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        done = await read_done(self.store, key)
+        if done is None:
+            return None
+        try:
+            return _outcome(done)
+        except (KeyError, TypeError, ValueError, DatastoreError) as exc:
+            raise DatastoreError(f"corrupt done marker {key.done_key}: {exc}") from exc
+
+    async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
+                  stream: str) -> bytes:
+        """The attempt's log as stored when it ended."""
+        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        if stream not in (layout.STDOUT, layout.STDERR):
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        try:
+            return await self.store.get(key.stdout_key if stream == layout.STDOUT else key.stderr_key)
+        except NotFound:
+            return b""
+
+    async def artifact(self, flow: str, sha: str) -> Any:
+        """Load, verify and unpickle one artifact."""
+        store = self._artifact_stores.get(flow)
+        if store is None:
+            store = self._artifact_stores[flow] = ArtifactStore(self.store, flow)
+        return await store.load(sha)
+
+    async def _summarised(self) -> set[tuple[str, str]]:
+        """``(flow, run_id)`` of every summary of every daemon sharing this datastore."""
+        found = set()
+        for key in await self.store.list(f"{layout.DAEMON_DIR}/"):
+            parts = key.split("/")
+            # daemon/<daemon_id>/runs/<flow>/<run_id>.json; active.json and the rest are skipped.
+            if len(parts) == 5 and parts[2] == "runs" and parts[4].endswith(".json"):
+                found.add((parts[3], parts[4][: -len(".json")]))
+        return found
+
+    async def _read(self, key: str) -> dict[str, Any] | None:
+        try:
+            data = await self.store.get(key)
+        except NotFound:
+            return None
+        # Checkpoints and run records are written by json.dumps without sorting, so dict
+        # order is the daemon's order: tasks appear in the order they were created.
+        try:
+            record = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return decode_record(data, key)  # raises with the key named
+        if not isinstance(record, dict):
+            return decode_record(data, key)
+        return record
+
+
+def _task_entry(task: dict[str, Any]) -> TaskEntry:
+    attempts = task.get("attempts") or []
+    started = attempts[0].get("started_at") if attempts else None
+    return TaskEntry(step=str(task["step"]), task_id=str(task["task_id"]),
+                     index=tuple(int(i) for i in task.get("index") or ()), status=str(task.get("status")),
+                     attempts=len(attempts), started_at=float(started) if started is not None else None)
+
+
+def _outcome(done: dict[str, Any]) -> AttemptOutcome:
+    exc = done.get("exception")
+    failure = None
+    if isinstance(exc, dict):
+        failure = TaskFailure(type=str(exc.get("type", "")), message=str(exc.get("message", "")),
+                              traceback=str(exc.get("traceback", "")))
+    return AttemptOutcome(
+        status=str(done.get("status")),
+        artifacts={name: ArtifactRef.from_dict(ref) for name, ref in (done.get("artifacts") or {}).items()},
+        foreach_stack=tuple(done.get("foreach_stack") or ()),
+        exception=failure,
+        started_at=done.get("started_at"),
+        finished_at=done.get("finished_at"),
+    )
