@@ -110,6 +110,8 @@ class Daemon:
         finally:
             conn.close()
         ctype = resp.getheader("Content-Type", "")
+        if not payload:
+            return resp.status, None
         if "json" in ctype and "ndjson" not in ctype:
             return resp.status, json.loads(payload)
         if "ndjson" in ctype:

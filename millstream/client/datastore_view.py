@@ -10,7 +10,7 @@ Where each answer comes from, and what it costs:
 ======================  ==================================================  ==============
 question                source                                              cost
 ======================  ==================================================  ==============
-flows, run ids          ``daemon/<id>/runs/<flow>/<run>.json`` keys         one listing
+flows and run ids       ``daemon/<id>/runs/<flow>/<run>.json`` keys         one listing
 a run                   ``<flow>/<run>/_run/run.json`` (owner, tags, time)  one get
 its tasks and status    ``<flow>/<run>/_run/checkpoint.json``               one get
 parameters              ``<flow>/<run>/_run/params.json``                   one get
@@ -28,7 +28,6 @@ monotonically per flow; ids that are not numbers come after, in reverse text ord
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -109,8 +108,8 @@ class AttemptOutcome:
 class RunReader(Protocol):
     """The questions the Client API asks; every answer for a missing object is None or empty."""
 
-    async def flows(self) -> list[str]:
-        """Names of every flow with at least one listed run, sorted."""
+    async def runs_by_flow(self) -> dict[str, list[str]]:
+        """Every flow with at least one listed run, with its run ids newest first."""
         ...
 
     async def run_ids(self, flow: str) -> list[str]:
@@ -158,16 +157,17 @@ class DatastoreView:
     def __repr__(self) -> str:
         return f"DatastoreView({self.store!r})"
 
-    async def flows(self) -> list[str]:
-        """Names of every flow some daemon summarised a run of."""
-        return sorted({flow for flow, _ in await self._summarised()})
+    async def runs_by_flow(self) -> dict[str, list[str]]:
+        """Every flow some daemon summarised a run of, by name, with its run ids newest first."""
+        by_flow: dict[str, set[str]] = {}
+        for flow, run_id in await self._summarised():
+            by_flow.setdefault(flow, set()).add(run_id)
+        return {flow: _newest_first(ids) for flow, ids in sorted(by_flow.items())}
 
     async def run_ids(self, flow: str) -> list[str]:
         """A flow's summarised runs, newest first."""
         layout.check_flow(flow)
-        ids = {run_id for name, run_id in await self._summarised() if name == flow}
-        numbers = sorted((i for i in ids if i.isdigit()), key=int, reverse=True)
-        return numbers + sorted((i for i in ids if not i.isdigit()), reverse=True)
+        return _newest_first({run_id for name, run_id in await self._summarised() if name == flow})
 
     async def run(self, flow: str, run_id: str) -> RunRecord | None:
         """The run's ``run.json``, reduced to what the client shows."""
@@ -253,15 +253,13 @@ class DatastoreView:
             data = await self.store.get(key)
         except NotFound:
             return None
-        # Checkpoints and run records are written by json.dumps without sorting, so dict
-        # order is the daemon's order: tasks appear in the order they were created.
-        try:
-            record = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return decode_record(data, key)  # raises with the key named
-        if not isinstance(record, dict):
-            return decode_record(data, key)
-        return record
+        # json keeps the daemon's key order: a checkpoint lists tasks in creation order.
+        return decode_record(data, key)
+
+
+def _newest_first(ids: set[str]) -> list[str]:
+    numbers = sorted((i for i in ids if i.isdigit()), key=int, reverse=True)
+    return numbers + sorted((i for i in ids if not i.isdigit()), reverse=True)
 
 
 def _task_entry(task: dict[str, Any]) -> TaskEntry:

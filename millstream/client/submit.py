@@ -12,7 +12,6 @@ hands the values to a flow must apply it first.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -24,27 +23,7 @@ from millstream.client.loader import flow_file
 from millstream.errors import ApiError, FlowError, ParameterError
 from millstream.flow.decorators import parse_with_spec
 from millstream.flow.graph import FlowGraph
-from millstream.flow.parameters import ParameterContext
-
-BYTES_KEY = "__bytes__"
-
-
-def encode_value(value: Any) -> Any:
-    """A parameter value in its JSON form: bytes become ``{"__bytes__": base64}``."""
-    if isinstance(value, (bytes, bytearray)):
-        return {BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, list):
-        return [encode_value(v) for v in value]
-    return value
-
-
-def decode_value(value: Any) -> Any:
-    """Inverse of :func:`encode_value`."""
-    if isinstance(value, dict) and set(value) == {BYTES_KEY}:
-        return base64.b64decode(value[BYTES_KEY])
-    if isinstance(value, list):
-        return [decode_value(v) for v in value]
-    return value
+from millstream.flow.parameters import ParameterContext, decode_value, encode_value  # noqa: F401 - decode_value is public here too
 
 
 def resolve_parameters(graph: FlowGraph, raw_params: Mapping[str, str | None], *,

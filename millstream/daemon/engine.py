@@ -270,8 +270,10 @@ class Engine:
                     break
                 if task.key not in run.inflight:
                     run.inflight[task.key] = self._spawn(self._attempt(run, task.key), f"attempt-{run.key}/{task.key}")
+            # Wake for a retry's not_before only while it is in the future: a ready task
+            # waiting for a free worker is woken by the attempt that frees one.
             wakeup = sch.next_wakeup(run.state)
-            timeout = max(0.0, wakeup - time.time()) if wakeup else None
+            timeout = wakeup - time.time() if wakeup and wakeup > time.time() else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(run.wake.wait(), timeout)
         while run.inflight:

@@ -7,6 +7,7 @@ function of a :class:`ParameterContext`) and every task of the run sees the same
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable
@@ -182,6 +183,27 @@ class Parameter:
 
     def __repr__(self) -> str:
         return f"Parameter({self.name!r}, default={self.default!r})"
+
+
+BYTES_KEY = "__bytes__"
+
+
+def encode_value(value: Any) -> Any:
+    """A parameter value in its JSON form: bytes become ``{"__bytes__": base64}``."""
+    if isinstance(value, (bytes, bytearray)):
+        return {BYTES_KEY: base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, list):
+        return [encode_value(v) for v in value]
+    return value
+
+
+def decode_value(value: Any) -> Any:
+    """Inverse of :func:`encode_value`."""
+    if isinstance(value, dict) and set(value) == {BYTES_KEY}:
+        return base64.b64decode(value[BYTES_KEY])
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> bool:

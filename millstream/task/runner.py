@@ -24,12 +24,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from millstream.datastore.backends import open_store
 from millstream.datastore.artifacts import ArtifactRef, ArtifactStore, serialize
+from millstream.datastore.backends import open_store
 from millstream.datastore.records import AttemptKey, read_done, write_done, write_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import DatastoreError, FlowError
 from millstream.flow.current import current
+from millstream.flow.parameters import decode_value
 from millstream.flow.spec import FlowSpec, ForeachFrame, Inputs
 from millstream.task.spec import (
     EXIT_INFRA_FAILURE,
@@ -146,7 +147,7 @@ class TaskRunner:
             keys = [AttemptKey(self.spec.flow, self.spec.run_id, p.step, p.task, p.attempt)
                     for p in self.spec.parents]
             records = await asyncio.gather(*(read_done(self.store, k) for k in keys))
-            for key, rec in zip(keys, records):
+            for key, rec in zip(keys, records, strict=True):
                 if rec is None or rec.get("status") != "ok":
                     raise DatastoreError(f"input {key.pathspec} attempt {key.attempt} has no successful done marker")
             return [r for r in records if r is not None]
@@ -164,7 +165,7 @@ class TaskRunner:
 
     def _new_flow(self, step_name: str) -> FlowSpec:
         flow = self.flow_cls(use_cli=False)
-        flow._ms_params = dict(self.spec.params)
+        flow._ms_params = {k: decode_value(v) for k, v in self.spec.params.items()}
         flow._ms_loader = self._load
         flow._ms_step_name = step_name
         return flow
@@ -175,7 +176,7 @@ class TaskRunner:
         refs = [{k: ArtifactRef.from_dict(v) for k, v in p.get("artifacts", {}).items()} for p in parents]
         if self.node.get("is_join"):
             views = []
-            for parent, rec, r in zip(self.spec.parents, parents, refs):
+            for parent, rec, r in zip(self.spec.parents, parents, refs, strict=True):
                 view = self._new_flow(parent.step)
                 view._ms_lazy = dict(r)
                 view._ms_input_refs = r  # type: ignore[attr-defined]
@@ -312,6 +313,10 @@ class TaskRunner:
         except _NoRetry as exc:
             print(f"millstream: {exc}", file=sys.stderr)
             return self._finish_failed(exc, started, EXIT_NO_RETRY)
+        except DatastoreError as exc:
+            # Reading inputs or storing artifacts failed: the step is not at fault.
+            traceback.print_exception(exc)
+            return self._finish_failed(exc, started, EXIT_INFRA_FAILURE)
         except BaseException as exc:
             traceback.print_exception(exc)
             return self._finish_failed(exc, started, EXIT_USER_FAILURE)
@@ -333,7 +338,7 @@ class TaskRunner:
             return False  # @retry goes first; @catch takes the last attempt's failure
         if catch.get("print_exception", True):
             traceback.print_exception(exc)
-            print(f"millstream: @catch stored the exception and the flow goes on", file=sys.stderr)
+            print("millstream: @catch stored the exception and the flow goes on", file=sys.stderr)
         if catch.get("var"):
             setattr(flow, catch["var"], CaughtException(exc))
         return True
