@@ -141,3 +141,19 @@ def test_every_attempt_ran_once_when_nothing_failed(daemon: Daemon) -> None:
     assert proc.returncode == 0
     for task in daemon.run_state("ForeachFlow", run_id)["tasks"]:
         assert len(task["attempts"]) == 1 and ok_attempt(task) == 0
+
+
+def test_resources_never_oversubscribe_the_host(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    d = daemon_factory(local_max_cpus="2")
+    d.start()
+    run_id, proc = run_flow(d, FLOWS / "resources_flow.py")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    tasks = {t["step"]: t["attempts"][0] for t in d.run_state("ResourcesFlow", run_id)["tasks"]}
+    a, b = tasks["heavy_a"], tasks["heavy_b"]
+    assert a["finished_at"] <= b["started_at"] or b["finished_at"] <= a["started_at"], (a, b)
+
+
+def test_resources_beyond_the_host_are_refused(daemon: Daemon) -> None:
+    proc = daemon.run_flow(FLOWS / "greedy_flow.py", "run")
+    assert proc.returncode != 0
+    assert "exceeds this host" in proc.stdout + proc.stderr
