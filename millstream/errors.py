@@ -9,6 +9,9 @@
     │   └── NotFound              no object under that key (also KeyError)
     ├── ComputeError              a backend could not launch or watch an attempt
     │                             (``retryable`` says whether a retry may help)
+    ├── MetadataError             the metadata store failed (``retryable`` for connections)
+    │   ├── MetadataNotFound      no such run or task (also KeyError)
+    │   └── MetadataConflict      the request contradicts what is stored
     ├── SchedulerError            the daemon refused a run (too many splits, ...)
     └── ApiError                  a request to the daemon failed (status and code)
 """
@@ -65,6 +68,25 @@ class ComputeError(MillstreamError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class MetadataError(MillstreamError):
+    """The metadata store could not answer."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class MetadataNotFound(MetadataError, KeyError):
+    """No such run or task."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+class MetadataConflict(MetadataError):
+    """The request contradicts what is stored."""
 
 
 class SchedulerError(MillstreamError):

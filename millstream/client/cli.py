@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ from millstream.client.flowcli import (
     CliState,
     check_flow,
     logs_options,
+    make_resume_command,
     make_run_command,
     print_logs,
     print_status,
@@ -50,29 +52,45 @@ def cli(ctx: click.Context, socket_path: str | None, datastore_root: str | None)
 
 
 # --------------------------------------------------------------------- flows
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                               "allow_interspersed_args": False},
-             add_help_option=False)
-@click.option("--flow", "flow_name", default=None, help="The flow class, when the file defines several.")
-@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
-@click.argument("flow_path", required=False)
-@click.pass_context
-def run(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: str | None) -> None:
-    """Run FLOW.py: millstream run [--flow NAME] FLOW.py [RUN OPTIONS] [--PARAM VALUE]..."""
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True, "allow_interspersed_args": False}
+
+
+def _flow_subcommand(ctx: click.Context, name: str, flow_name: str | None, quiet: bool,
+                     flow_path: str | None, make: Callable[[type], click.Command]) -> None:
     if flow_path in ("--help", "-h"):
         click.echo(ctx.get_help())
         ctx.exit(0)
     if flow_path is None:
         raise click.UsageError("missing FLOW.py")
     if flow_path.startswith("-"):
-        raise click.UsageError(f"{flow_path} must come after FLOW.py: millstream run FLOW.py {flow_path} ...")
+        raise click.UsageError(f"{flow_path} must come after FLOW.py: millstream {name} FLOW.py {flow_path} ...")
     state: CliState = ctx.obj
     with cli_errors():
         flow_cls = load_flow(flow_path, flow_name)
     state.flow_cls, state.quiet = flow_cls, quiet
-    command = make_run_command(flow_cls)
-    with command.make_context(f"run {flow_path}", list(ctx.args), parent=ctx) as sub:
+    command = make(flow_cls)
+    with command.make_context(f"{name} {flow_path}", list(ctx.args), parent=ctx) as sub:
         command.invoke(sub)
+
+
+@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.option("--flow", "flow_name", default=None, help="The flow class, when the file defines several.")
+@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
+@click.argument("flow_path", required=False)
+@click.pass_context
+def run(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: str | None) -> None:
+    """Run FLOW.py: millstream run [--flow NAME] FLOW.py [RUN OPTIONS] [--PARAM VALUE]..."""
+    _flow_subcommand(ctx, "run", flow_name, quiet, flow_path, make_run_command)
+
+
+@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.option("--flow", "flow_name", default=None, help="The flow class, when the file defines several.")
+@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
+@click.argument("flow_path", required=False)
+@click.pass_context
+def resume(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: str | None) -> None:
+    """Resume a run of FLOW.py: millstream resume FLOW.py [STEP] [--origin-run-id ID] ..."""
+    _flow_subcommand(ctx, "resume", flow_name, quiet, flow_path, make_resume_command)
 
 
 @cli.command()

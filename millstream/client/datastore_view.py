@@ -24,18 +24,31 @@ never anything per task. A run without a daemon summary (its daemon died between
 storing the submission and the summary) is still reachable by its pathspec, but not
 listed. Run ids are ordered newest first by number, since the daemon allocates them
 monotonically per flow; ids that are not numbers come after, in reverse text order.
+
+The Client API is synchronous: :func:`run_sync` runs a reader's coroutines on one
+private event loop, on the calling thread when that runs no loop, else (inside
+Jupyter, whose loop is running) on a helper thread, so a call never nests in the
+caller's loop. One loop for the whole process keeps loop-bound clients (aiobotocore's)
+valid across calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import threading
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, ArtifactStore
 from millstream.datastore.records import AttemptKey, decode_record, list_attempts, read_done
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import DatastoreError, NotFound
+
+T = TypeVar("T")
 
 CHECKPOINT_VERSION = 1
 
@@ -284,3 +297,77 @@ def _outcome(done: dict[str, Any]) -> AttemptOutcome:
         started_at=done.get("started_at"),
         finished_at=done.get("finished_at"),
     )
+
+
+# ----------------------------------------------------------------- synchronous access
+
+
+class SyncBridge:
+    """Runs coroutines to completion from synchronous code, one caller at a time, on one private loop."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._helper: ThreadPoolExecutor | None = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` and return its result."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is None:
+            return self._run_here(coro)
+        if running is self._loop:
+            coro.close()
+            raise RuntimeError("the Client API cannot be called from inside its own I/O")
+        with self._lock:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="millstream-client")
+            helper = self._helper
+        return helper.submit(self._run_here, coro).result()
+
+    def _run_here(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._loop = asyncio.new_event_loop()
+            return self._loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        """Close the loop and stop the helper thread; a later call opens a new loop."""
+        with self._lock:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.run_until_complete(self._loop.shutdown_default_executor())
+                self._loop.close()
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.shutdown(wait=True)
+
+
+_bridge = SyncBridge()
+atexit.register(_bridge.close)
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a reader coroutine from synchronous code (see the module docstring)."""
+    return _bridge.run(coro)
+
+
+_readers: dict[tuple[str, str, bool], DatastoreView] = {}
+_readers_lock = threading.Lock()
+
+
+def configured_reader(env: Mapping[str, str]) -> RunReader:
+    """The reader of the datastore the settings name; one per datastore, reused."""
+    from millstream.config.settings import load_settings
+    from millstream.datastore.backends import open_store
+
+    ds = load_settings(env).datastore
+    key = (ds.type, ds.root, ds.durable)
+    with _readers_lock:
+        reader = _readers.get(key)
+        if reader is None:
+            # inline: the private loop has nothing else to run while one read blocks it.
+            store = open_store({"type": ds.type, "root": ds.root, "durable": ds.durable, "inline": True})
+            reader = _readers[key] = DatastoreView(store)
+    return reader

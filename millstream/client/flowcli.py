@@ -176,6 +176,38 @@ def make_run_command(flow_cls: type) -> click.Command:
                          help=f"Run {flow_cls.__name__} through the millstream daemon.")
 
 
+def make_resume_command(flow_cls: type) -> click.Command:
+    """The ``resume`` command: clone what succeeded in an earlier run, run the rest."""
+
+    @click.command("resume", help=f"Resume a run of {flow_cls.__name__}: reuse its successful tasks and run "
+                                  "again what failed and what follows it (or STEP and what follows it).")
+    @click.argument("step", required=False)
+    @click.option("--origin-run-id", default=None, help="The run to resume [default: the latest run of the flow].")
+    @click.option("--max-workers", type=click.IntRange(min=1), default=None, help="Tasks run at once.")
+    @click.option("--max-num-splits", type=click.IntRange(min=1), default=None,
+                  help="Most tasks a foreach may fan out to.")
+    @click.option("--tag", multiple=True, help="Tag the run (repeatable).")
+    @click.option("--run-id-file", type=click.Path(dir_okay=False), default=None,
+                  help="Write the new run's id to this file once it has started.")
+    @click.option("--with", "with_specs", multiple=True, metavar="SPEC", help="Add a decorator to every step.")
+    @click.pass_context
+    def resume(ctx: click.Context, /, step: str | None, *, origin_run_id: str | None, max_workers: int | None,
+               max_num_splits: int | None, tag: tuple[str, ...], run_id_file: str | None,
+               with_specs: tuple[str, ...]) -> None:
+        from millstream.client.launch import launch_run
+
+        state = ctx.find_object(CliState) or CliState(env=os.environ)
+        with cli_errors():
+            code = launch_run(flow_cls, {}, settings=state.settings(), env=state.env,
+                              with_specs=(*state.with_specs, *with_specs), tags=tag,
+                              max_workers=max_workers, max_num_splits=max_num_splits,
+                              run_id_file=run_id_file, quiet=state.quiet,
+                              resume={"origin_run_id": origin_run_id, "step": step})
+        ctx.exit(code)
+
+    return resume
+
+
 # --------------------------------------------------------------------- the group
 def make_flow_cli(flow_cls: type) -> click.Group:
     """The click group behind ``python flow.py``."""
@@ -231,6 +263,7 @@ def make_flow_cli(flow_cls: type) -> click.Group:
             print_status(state, spec)
 
     cli.add_command(make_run_command(flow_cls))
+    cli.add_command(make_resume_command(flow_cls))
     return cli
 
 

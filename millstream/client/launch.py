@@ -33,8 +33,8 @@ def launch_run(flow_cls: type, raw_params: Mapping[str, str | None], *, settings
                env: Mapping[str, str], with_specs: Sequence[str] = (), tags: Sequence[str] = (),
                max_workers: int | None = None, max_num_splits: int | None = None,
                run_id_file: str | None = None, quiet: bool = False,
-               out: TextIO = sys.stdout) -> int:
-    """Run the flow through the daemon and return the command's exit code."""
+               out: TextIO = sys.stdout, resume: Mapping[str, Any] | None = None) -> int:
+    """Run (or, with ``resume``, resume) the flow through the daemon; the command's exit code."""
     graph = FlowGraph(flow_cls)
     if graph.problems:
         click.echo(format_problems(graph), err=True, nl=False)
@@ -51,7 +51,7 @@ def launch_run(flow_cls: type, raw_params: Mapping[str, str | None], *, settings
             flow_cls, raw_params, with_specs=with_specs, tags=tags,
             max_workers=max_workers or settings.run.max_workers,
             max_num_splits=max_num_splits or settings.run.max_num_splits,
-            username=username, env=env, ds_type=settings.datastore.type, graph=graph,
+            username=username, env=env, ds_type=settings.datastore.type, graph=graph, resume=resume,
         )
         client = ensure_daemon(settings, env)
         run = submit(client, body, package)

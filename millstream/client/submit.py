@@ -74,8 +74,13 @@ def build_submission(flow_cls: type, raw_params: Mapping[str, str | None], *,
                      max_workers: int, max_num_splits: int, username: str,
                      env: Mapping[str, str], ds_type: str = "local",
                      graph: FlowGraph | None = None,
-                     python: str = sys.executable) -> tuple[dict[str, Any], bytes]:
-    """The ``POST /v1/runs`` body for a run of ``flow_cls``, and its code package's bytes."""
+                     python: str = sys.executable,
+                     resume: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], bytes]:
+    """The ``POST /v1/runs`` body for a run of ``flow_cls``, and its code package's bytes.
+
+    With ``resume`` (``{"origin_run_id": id or None, "step": name or None}``) the run
+    resumes an earlier one, whose parameter values the daemon reuses, as Metaflow does.
+    """
     # The datastore package is imported on first use so that check and show stay fast.
     from millstream.datastore.package import build_package
 
@@ -88,7 +93,8 @@ def build_submission(flow_cls: type, raw_params: Mapping[str, str | None], *,
         raise FlowError("--max-workers and --max-num-splits must be at least 1")
     graph_dict = graph.to_dict()
     apply_with_specs(graph_dict, with_specs)
-    params = resolve_parameters(graph, raw_params, username=username, ds_type=ds_type)
+    params = {} if resume is not None else resolve_parameters(graph, raw_params, username=username,
+                                                               ds_type=ds_type)
     path = flow_file(flow_cls)
     sha, package = build_package(path.parent)
     body = {
@@ -107,6 +113,8 @@ def build_submission(flow_cls: type, raw_params: Mapping[str, str | None], *,
             "with": list(with_specs),
         },
     }
+    if resume is not None:
+        body["options"]["resume"] = dict(resume)  # type: ignore[index]
     return body, package
 
 

@@ -242,6 +242,14 @@ async def submit_run(request: web.Request) -> web.Response:
     for key, lo, hi in (("max_workers", 1, 10_000), ("max_num_splits", 1, 1_000_000)):
         if key in options and (not isinstance(options[key], int) or isinstance(options[key], bool) or not lo <= options[key] <= hi):
             raise ApiFailure(400, "bad_option", f"options.{key} must be an integer from {lo} to {hi}")
+    resume = options.get("resume")
+    if resume is not None:
+        if not isinstance(resume, dict) or set(resume) - {"origin_run_id", "step"}:
+            raise ApiFailure(400, "bad_option", "options.resume must be {origin_run_id, step}")
+        if resume.get("origin_run_id") is not None:
+            _check_name("origin run id", _field(resume, "origin_run_id", str), layout.check_run_id)
+        if resume.get("step") is not None:
+            _check_name("resume step", _field(resume, "step", str), layout.check_step)
     tags = options.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in tags):
         raise ApiFailure(400, "bad_option", "options.tags must be a list of non-empty strings")

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from millstream.compute.base import ComputeBackend, LaunchRequest
+from millstream.daemon import resume
 from millstream.daemon import scheduler as sch
 from millstream.daemon.checkpoint import Checkpointer, dumps, run_record_key, summary_key
 from millstream.daemon.events import EventLog
@@ -30,7 +31,7 @@ from millstream.daemon.logs import LogTailer
 from millstream.daemon.resources import ResourcePool
 from millstream.datastore import layout
 from millstream.datastore.package import extract_package, fetch_package
-from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
+from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started, write_done
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import ComputeError, DatastoreError, NotFound, SchedulerError
 from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
@@ -203,11 +204,17 @@ class Engine:
         except NotFound:
             raise SchedulerError(f"code package {body['package']} was not uploaded") from None
         flow = body["flow"]
-        run_id = await self.allocate_run_id(flow, owner)
         options = dict(body.get("options", {}))
+        params = body.get("params", {})
+        plan = None
+        if options.get("resume") is not None:
+            plan, params = await self._plan_resume(flow, graph, options)
+            options["origin_run_id"] = plan["run_id"]
+        run_id = await self.allocate_run_id(flow, owner)
         state = sch.initial_state(flow, run_id, max_num_splits=int(options.get("max_num_splits", 100)))
+        state.origin = plan
         run = Run(flow=flow, run_id=run_id, owner=owner, owner_uid=owner_uid, graph=graph,
-                  params=body.get("params", {}), package=body["package"], module_file=body["module_file"],
+                  params=params, package=body["package"], module_file=body["module_file"],
                   class_name=body["class_name"], python=body.get("python") or sys.executable,
                   env=dict(body.get("env") or {}), options=options, created_at=time.time(), state=state)
         await self.store.put(run_record_key(flow, run_id), dumps(run.record()))
@@ -219,6 +226,58 @@ class Engine:
         log.info("run_submitted", run=run.key, owner=owner, steps=len(graph["steps"]))
         self._spawn(self._drive(run), f"drive-{run.key}")
         return run
+
+    async def _plan_resume(self, flow: str, graph: dict[str, Any], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        import json
+
+        spec = options["resume"] if isinstance(options["resume"], dict) else {}
+        origin_id = spec.get("origin_run_id")
+        if origin_id is None:
+            known = [int(k.split("/", 1)[1]) for k in [*self.runs, *self.finished]
+                     if k.split("/", 1)[0] == flow and k.split("/", 1)[1].isdigit()]
+            if not known:
+                raise SchedulerError(f"no run of {flow} to resume: run it first")
+            origin_id = str(max(known))
+        origin_id = layout.check_run_id(str(origin_id))
+        live = self.runs.get(f"{flow}/{origin_id}")
+        if live is not None and not live.state.finished:
+            raise SchedulerError(f"run {flow}/{origin_id} is still running; cancel it or wait before resuming")
+        try:
+            record = json.loads(await self.store.get(run_record_key(flow, origin_id)))
+            origin_state = json.loads(await self.store.get(layout.checkpoint_key(flow, origin_id)))
+        except NotFound:
+            raise SchedulerError(f"no run {flow}/{origin_id} to resume in this datastore") from None
+        plan = resume.plan_resume(record["graph"], origin_state, graph, origin_run_id=origin_id,
+                                  step=spec.get("step"))
+        return plan, record.get("params", {})
+
+    async def _clone(self, run: Run, clones: list[tuple[sch.Task, int]]) -> None:
+        """Record ready tasks as cloned from the origin run: copy done markers, launch nothing."""
+        origin = run.state.origin or {}
+        limit = asyncio.Semaphore(64)
+
+        async def copy(task: sch.Task, attempt: int) -> str:
+            src = AttemptKey(run.flow, origin["run_id"], task.step, task.task_id, attempt)
+            async with limit:
+                done = await read_done(self.store, src)
+                if done is None or done.get("status") != "ok":
+                    raise DatastoreError(f"origin task {src.pathspec} attempt {attempt} has no successful done marker")
+                dst = AttemptKey(run.flow, run.run_id, task.step, task.task_id, 0)
+                await write_done(self.store, dst, {**done, "cloned_from": f"{src.pathspec}/{attempt}"})
+            return f"{src.pathspec}/{attempt}"
+
+        results = await asyncio.gather(*(copy(t, a) for t, a in clones), return_exceptions=True)
+        now = time.time()
+        for (task, _), result in zip(clones, results, strict=True):
+            if isinstance(result, BaseException):
+                # The origin cannot be reused for this task: run it instead.
+                log.warning("clone_failed", run=run.key, task=task.key, error=str(result))
+                run.state.origin["tasks"].pop(task.key, None)  # type: ignore[index]
+                continue
+            decisions = resume.task_cloned(run.graph, run.state, task.key, result, now)
+            run.events.emit("task_cloned", pathspec=f"{run.key}/{task.key}", origin=result)
+            self._apply(run, decisions)
+        self.checkpoints.mark(run.key)
 
     def _check_resources(self, graph: dict[str, Any]) -> None:
         for name in graph["steps"]:
@@ -265,11 +324,20 @@ class Engine:
         while not run.state.finished:
             run.wake.clear()
             now = time.time()
+            clones: list[tuple[sch.Task, int]] = []
             for task in sch.ready_tasks(run.state, now):
+                if run.state.origin is not None and task.key not in run.inflight:
+                    source = resume.clone_source(run.state, task)
+                    if source is not None:
+                        clones.append((task, source))
+                        continue
                 if len(run.inflight) >= max_workers:
                     break
                 if task.key not in run.inflight:
                     run.inflight[task.key] = self._spawn(self._attempt(run, task.key), f"attempt-{run.key}/{task.key}")
+            if clones:
+                await self._clone(run, clones)
+                continue
             # Wake for a retry's not_before only while it is in the future: a ready task
             # waiting for a free worker is woken by the attempt that frees one.
             wakeup = sch.next_wakeup(run.state)

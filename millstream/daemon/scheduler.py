@@ -95,6 +95,7 @@ class RunState:
     message: str | None = None
     tasks: dict[str, Task] = field(default_factory=dict)
     arrivals: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    origin: dict[str, Any] | None = None  # a resume's plan (see millstream.daemon.resume)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form for checkpoints (hand-rolled: ``asdict`` deep-copies and is 10x slower)."""
@@ -105,7 +106,8 @@ class RunState:
             tasks[key] = d
         return {"version": CHECKPOINT_VERSION, "flow": self.flow, "run_id": self.run_id,
                 "max_num_splits": self.max_num_splits, "status": self.status, "message": self.message,
-                "tasks": tasks, "arrivals": {k: dict(v) for k, v in self.arrivals.items()}}
+                "tasks": tasks, "arrivals": {k: dict(v) for k, v in self.arrivals.items()},
+                "origin": self.origin}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
@@ -266,6 +268,14 @@ def cancel_run(state: RunState, message: str = "cancelled") -> Decisions:
     state.status = "cancelling"
     state.message = message
     decisions.cancel.extend(_running(state))
+    return settle(state, decisions)
+
+
+def expand(graph: dict[str, Any], state: RunState, task: Task) -> Decisions:
+    """Create the tasks that follow a task which just succeeded (or was cloned)."""
+    decisions = Decisions()
+    if state.status == RUNNING:
+        _expand(graph, state, task, decisions)
     return settle(state, decisions)
 
 
