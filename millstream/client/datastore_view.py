@@ -218,13 +218,30 @@ class DatastoreView:
         return await self._read(layout.params_key(flow, run_id)) or {}
 
     async def attempts(self, flow: str, run_id: str, step: str, task_id: str) -> list[int]:
-        """Attempt numbers found under the task's folder."""
-        return await list_attempts(self.store, flow, run_id, step, task_id)
+        """Attempt numbers found under the task's folder (a task cloned by a resume has one, 0)."""
+        found = await list_attempts(self.store, flow, run_id, step, task_id)
+        if not found and await self._clone_of(flow, run_id, step, task_id) is not None:
+            return [0]
+        return found
+
+    async def _clone_of(self, flow: str, run_id: str, step: str, task_id: str) -> AttemptKey | None:
+        """The origin attempt a resumed run cloned this task from, if it did."""
+        index = await self._read(f"{layout.run_prefix(flow, run_id)}{layout.RUN_DIR}/clones.json")
+        entry = (index or {}).get(f"{step}/{task_id}")
+        if entry is None:
+            return None
+        return AttemptKey(flow, str(entry["run_id"]), step, task_id, int(entry["attempt"]))
+
+    async def _attempt_key(self, flow: str, run_id: str, step: str, task_id: str, attempt: int) -> AttemptKey:
+        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        if attempt == 0 and not await self.store.exists(key.done_key):
+            return await self._clone_of(flow, run_id, step, task_id) or key
+        return key
 
     async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
                       attempt: int) -> AttemptOutcome | None:
-        """The attempt's ``done.json``, parsed."""
-        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        """The attempt's ``done.json`` (for a cloned task, the origin's), parsed."""
+        key = await self._attempt_key(flow, run_id, step, task_id, attempt)
         done = await read_done(self.store, key)
         if done is None:
             return None
@@ -235,8 +252,8 @@ class DatastoreView:
 
     async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
                   stream: str) -> bytes:
-        """The attempt's log as stored when it ended."""
-        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        """The attempt's log as stored when it ended (for a cloned task, the origin's)."""
+        key = await self._attempt_key(flow, run_id, step, task_id, attempt)
         if stream not in (layout.STDOUT, layout.STDERR):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
         try:

@@ -111,6 +111,7 @@ def build_submission(flow_cls: type, raw_params: Mapping[str, str | None], *,
             "max_num_splits": max_num_splits,
             "tags": list(tags),
             "with": list(with_specs),
+            "cwd": os.getcwd(),
         },
     }
     if resume is not None:

@@ -17,6 +17,7 @@ class LaunchRequest:
     stderr_path: str
     python: str
     env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # the submitter's working directory (default: the code package)
     cpu: float = 0.5
     memory_mb: int = 0
     timeout_s: float | None = None

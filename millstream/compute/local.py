@@ -81,7 +81,8 @@ class LocalBackend:
     def _zygote_key(request: LaunchRequest) -> str:
         spec = request.spec
         digest = hashlib.sha256(json.dumps(
-            [spec.package_dir, spec.module_file, spec.class_name, request.python, sorted(request.env.items())]
+            [spec.package_dir, spec.module_file, spec.class_name, request.python, sorted(request.env.items()),
+             request.cwd]
         ).encode()).hexdigest()
         return digest[:16]
 
@@ -114,7 +115,7 @@ class LocalBackend:
             proc = await asyncio.create_subprocess_exec(
                 request.python, "-m", "millstream.task.zygote", spec.package_dir, spec.module_file,
                 spec.class_name, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=err_file, env=request.env or None, cwd=spec.package_dir, limit=1 << 20,
+                stderr=err_file, env=request.env or None, cwd=_cwd(request), limit=1 << 20,
             )
         assert proc.stdout is not None
         line = await proc.stdout.readline()
@@ -204,7 +205,7 @@ class LocalBackend:
         with open(request.stdout_path, "ab") as out, open(request.stderr_path, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 request.python, "-u", "-m", "millstream.task", str(spec_path), stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=err, env=request.env or None, cwd=request.spec.package_dir,
+                stdout=out, stderr=err, env=request.env or None, cwd=_cwd(request),
                 start_new_session=True,
             )
         self._procs[proc.pid] = proc
@@ -311,6 +312,14 @@ class LocalBackend:
         for zyg in list(self._zygotes.values()):
             await self._stop_zygote(zyg)
         self._zygotes.clear()
+
+
+def _cwd(request: LaunchRequest) -> str:
+    # As in Metaflow, a local task runs where the user ran the flow, so relative paths
+    # in a step mean what they meant there; the code itself comes from the package.
+    if request.cwd and os.path.isdir(request.cwd):
+        return request.cwd
+    return request.spec.package_dir
 
 
 def default_python() -> str:

@@ -242,6 +242,9 @@ async def submit_run(request: web.Request) -> web.Response:
     for key, lo, hi in (("max_workers", 1, 10_000), ("max_num_splits", 1, 1_000_000)):
         if key in options and (not isinstance(options[key], int) or isinstance(options[key], bool) or not lo <= options[key] <= hi):
             raise ApiFailure(400, "bad_option", f"options.{key} must be an integer from {lo} to {hi}")
+    cwd = options.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not Path(cwd).is_absolute()):
+        raise ApiFailure(400, "bad_option", "options.cwd must be an absolute path")
     resume = options.get("resume")
     if resume is not None:
         if not isinstance(resume, dict) or set(resume) - {"origin_run_id", "step"}:

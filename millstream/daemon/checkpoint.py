@@ -28,6 +28,11 @@ def run_record_key(flow: str, run_id: str) -> str:
     return f"{layout.run_prefix(flow, run_id)}_run/run.json"
 
 
+def clones_key(flow: str, run_id: str) -> str:
+    """Where a resumed run maps its cloned tasks to the origin's attempts."""
+    return f"{layout.run_prefix(flow, run_id)}_run/clones.json"
+
+
 def summary_key(daemon_id: str, flow: str, run_id: str) -> str:
     """Where the daemon keeps a run's one-line summary."""
     return f"daemon/{layout.check_daemon_id(daemon_id)}/runs/{layout.check_flow(flow)}/{layout.check_run_id(run_id)}.json"

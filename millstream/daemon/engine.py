@@ -25,13 +25,13 @@ import structlog
 from millstream.compute.base import ComputeBackend, LaunchRequest
 from millstream.daemon import resume
 from millstream.daemon import scheduler as sch
-from millstream.daemon.checkpoint import Checkpointer, dumps, run_record_key, summary_key
+from millstream.daemon.checkpoint import Checkpointer, clones_key, dumps, run_record_key, summary_key
 from millstream.daemon.events import EventLog
 from millstream.daemon.logs import LogTailer
 from millstream.daemon.resources import ResourcePool
 from millstream.datastore import layout
 from millstream.datastore.package import extract_package, fetch_package
-from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started, write_done
+from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import ComputeError, DatastoreError, NotFound, SchedulerError
 from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
@@ -252,30 +252,17 @@ class Engine:
         return plan, record.get("params", {})
 
     async def _clone(self, run: Run, clones: list[tuple[sch.Task, int]]) -> None:
-        """Record ready tasks as cloned from the origin run: copy done markers, launch nothing."""
+        """Record ready tasks as cloned from the origin run: one index write, no process, no copy."""
         origin = run.state.origin or {}
-        limit = asyncio.Semaphore(64)
-
-        async def copy(task: sch.Task, attempt: int) -> str:
-            src = AttemptKey(run.flow, origin["run_id"], task.step, task.task_id, attempt)
-            async with limit:
-                done = await read_done(self.store, src)
-                if done is None or done.get("status") != "ok":
-                    raise DatastoreError(f"origin task {src.pathspec} attempt {attempt} has no successful done marker")
-                dst = AttemptKey(run.flow, run.run_id, task.step, task.task_id, 0)
-                await write_done(self.store, dst, {**done, "cloned_from": f"{src.pathspec}/{attempt}"})
-            return f"{src.pathspec}/{attempt}"
-
-        results = await asyncio.gather(*(copy(t, a) for t, a in clones), return_exceptions=True)
         now = time.time()
-        for (task, _), result in zip(clones, results, strict=True):
-            if isinstance(result, BaseException):
-                # The origin cannot be reused for this task: run it instead.
-                log.warning("clone_failed", run=run.key, task=task.key, error=str(result))
-                run.state.origin["tasks"].pop(task.key, None)  # type: ignore[index]
-                continue
-            decisions = resume.task_cloned(run.graph, run.state, task.key, result, now)
-            run.events.emit("task_cloned", pathspec=f"{run.key}/{task.key}", origin=result)
+        index = origin.setdefault("index", {})
+        for task, attempt in clones:
+            index[task.key] = {"run_id": origin["tasks"][task.key]["run_id"], "attempt": attempt}
+        await self.store.put(clones_key(run.flow, run.run_id), dumps(index))
+        for task, attempt in clones:
+            decisions = resume.task_cloned(run.graph, run.state, task.key, attempt, now)
+            run.events.emit("task_cloned", pathspec=f"{run.key}/{task.key}",
+                            origin=task.attempts[-1].handle["cloned_from"])  # type: ignore[index]
             self._apply(run, decisions)
         self.checkpoints.mark(run.key)
 
@@ -351,7 +338,11 @@ class Engine:
         parents = []
         for step, task_id in task.parents:
             parent = run.state.tasks[sch.task_key(step, task_id)]
-            parents.append(ParentRef(step=step, task=task_id, attempt=parent.ok_attempt or 0))
+            cloned = resume.clone_ref(run.state, parent)
+            if cloned is not None:
+                parents.append(ParentRef(step=step, task=task_id, attempt=cloned[1], run_id=cloned[0]))
+            else:
+                parents.append(ParentRef(step=step, task=task_id, attempt=parent.ok_attempt or 0))
         return TaskSpec(
             flow=run.flow, run_id=run.run_id, step=task.step, task_id=task.task_id, attempt=number,
             package_dir=run.package_dir, module_file=run.module_file, class_name=run.class_name,
@@ -386,7 +377,8 @@ class Engine:
                 akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, number)
                 out, err = self._log_paths(run, akey)
                 request = LaunchRequest(spec=self._spec(run, task, number), stdout_path=out, stderr_path=err,
-                                        python=run.python, env=run.env, cpu=cpu, memory_mb=memory,
+                                        python=run.python, env=run.env, cwd=run.options.get("cwd"),
+                                        cpu=cpu, memory_mb=memory,
                                         timeout_s=self._timeout_s(run, task.step))
                 try:
                     handle = await self.backend.launch(request)

@@ -3,8 +3,9 @@
 Pure functions, like the scheduler. :func:`plan_resume` decides, from the origin run's
 graph and state and the new graph, what may be cloned; the driver then asks
 :func:`clone_source` for every task that becomes ready and, instead of launching it,
-records it with :func:`task_cloned` (the daemon copies the origin's done marker, whose
-artifact refs point at the same content-addressed blobs: no data is copied).
+records it with :func:`task_cloned`. Nothing is copied: the run's clone index
+(``_run/clones.json``, one write per batch) maps each cloned task to the origin's
+attempt, and the tasks that follow read their inputs from there.
 
 The rules are Metaflow's:
 
@@ -58,7 +59,12 @@ def plan_resume(origin_graph: dict[str, Any], origin_state: dict[str, Any], new_
         ok = [a for a in task["attempts"] if a["status"] == sch.OK]
         if not ok:
             continue
-        tasks[key] = {"attempt": ok[0]["number"], "outcome": task.get("outcome"), "parents": task["parents"]}
+        # A task the origin itself cloned points at the run that really ran it.
+        handle = ok[0].get("handle") or {}
+        run_id, attempt = (handle["origin_run_id"], handle["origin_attempt"]) if handle.get("cloned_from") \
+            else (origin_run_id, ok[0]["number"])
+        tasks[key] = {"run_id": run_id, "attempt": attempt, "outcome": task.get("outcome"),
+                      "parents": task["parents"]}
     cloned_steps = {t.split("/", 1)[0] for t in tasks}
     changed = []
     for name in sorted(cloned_steps):
@@ -96,13 +102,23 @@ def is_cloned(task: sch.Task) -> bool:
     return bool(task.attempts) and bool((task.attempts[-1].handle or {}).get("cloned_from"))
 
 
-def task_cloned(graph: dict[str, Any], state: sch.RunState, key: str, origin_pathspec: str,
+def clone_ref(state: sch.RunState, task: sch.Task) -> tuple[str, int] | None:
+    """``(origin run id, origin attempt)`` of a cloned task, or None if it ran here."""
+    if not is_cloned(task):
+        return None
+    handle = task.attempts[-1].handle or {}
+    return str(handle["origin_run_id"]), int(handle["origin_attempt"])
+
+
+def task_cloned(graph: dict[str, Any], state: sch.RunState, key: str, origin_attempt: int,
                 now: float) -> sch.Decisions:
     """Record a task as cloned and create what follows it."""
     task = state.tasks[key]
     plan = state.origin or {}
     origin = plan["tasks"][key]
-    task.attempts.append(sch.Attempt(number=0, status=sch.OK, handle={"cloned_from": origin_pathspec},
+    pathspec = f"{state.flow}/{origin['run_id']}/{task.step}/{task.task_id}/{origin_attempt}"
+    handle = {"cloned_from": pathspec, "origin_run_id": origin["run_id"], "origin_attempt": origin_attempt}
+    task.attempts.append(sch.Attempt(number=0, status=sch.OK, handle=handle,
                                      started_at=now, finished_at=now, exit_code=0))
     task.status = sch.OK
     task.outcome = origin["outcome"]

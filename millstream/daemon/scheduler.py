@@ -191,9 +191,13 @@ def settle(state: RunState, decisions: Decisions | None = None) -> Decisions:
     """End the run if nothing is left to do: succeeded, or failed/cancelled once idle."""
     decisions = decisions or Decisions()
     if state.status == RUNNING:
-        end = [t for t in state.tasks.values() if t.step == "end"]
+        # `end` is outside any foreach and cannot be looped to, so its one task is end/0;
+        # checking it first keeps this O(1) until the run is nearly done.
+        end = state.tasks.get(task_key("end", make_task_id(())))
+        if end is None or end.status != OK:
+            return decisions
         active = [t for t in state.tasks.values() if t.status in (PENDING, RUNNING)]
-        if end and all(t.status == OK for t in end) and not active:
+        if not active:
             state.status = OK
             decisions.finished = OK
     elif state.status in ("failing", "cancelling") and not _running(state):
@@ -292,11 +296,13 @@ def _add_task(state: RunState, step: str, index: list[int], parents: list[list[s
 
 
 def _foreach_task(state: RunState, step: str, index: list[int]) -> Task | None:
+    # The latest successful visit of the foreach step at this index (visits: switch loops).
     found = None
-    for t in state.tasks.values():
-        if t.step == step and t.index == index and t.status == OK:
-            if found is None or t.visit > found.visit:
-                found = t
+    visit = 0
+    while (t := state.tasks.get(task_key(step, make_task_id(index, visit)))) is not None:
+        if t.status == OK:
+            found = t
+        visit += 1
     return found
 
 
@@ -335,16 +341,15 @@ def _arrive(graph: dict[str, Any], state: RunState, task: Task, join: str, decis
         slot = str(task.index[-1])
         owner = _foreach_task(state, split, join_index)
         expected = int(owner.outcome["foreach"]["num_splits"]) if owner and owner.outcome else -1
-        order = [str(i) for i in range(expected)]
     else:
         branch = next((s[2] for s in reversed(steps[task.step]["split_stack"]) if s[1] == split), task.step)
         slot = branch
-        order = list(split_node["out"])
-        expected = len(order)
+        expected = len(split_node["out"])
     akey = f"{join}/{make_task_id(join_index)}"
     slots = state.arrivals.setdefault(akey, {})
     slots[slot] = [task.step, task.task_id]
     if len(slots) == expected:
+        order = [str(i) for i in range(expected)] if split_node["type"] == "foreach" else split_node["out"]
         parents = [slots[s] for s in order]
         del state.arrivals[akey]
         _add_task(state, join, join_index, parents, None, decisions)

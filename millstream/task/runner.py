@@ -144,7 +144,7 @@ class TaskRunner:
 
     def _parent_done(self) -> list[dict[str, Any]]:
         async def read_all() -> list[dict[str, Any]]:
-            keys = [AttemptKey(self.spec.flow, self.spec.run_id, p.step, p.task, p.attempt)
+            keys = [AttemptKey(self.spec.flow, p.run_id or self.spec.run_id, p.step, p.task, p.attempt)
                     for p in self.spec.parents]
             records = await asyncio.gather(*(read_done(self.store, k) for k in keys))
             for key, rec in zip(keys, records, strict=True):

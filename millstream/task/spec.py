@@ -20,6 +20,7 @@ class ParentRef:
     step: str
     task: str
     attempt: int
+    run_id: str | None = None  # another run's task, cloned into this one by a resume
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ def artifact(d: Daemon, flow: str, run_id: str, step: str, name: str, task_id: s
     """An artifact of a task's successful attempt, loaded from the datastore."""
     state = d.run_state(flow, run_id)
     task = next(t for t in state["tasks"] if t["step"] == step and t["task_id"] == task_id)
-    done = done_marker(d, flow, run_id, step, task_id, ok_attempt(task))
+    handle = task["attempts"][ok_attempt(task)]["handle"] or {}
+    if handle.get("cloned_from"):  # cloned by a resume: the origin's attempt holds the data
+        run_id, attempt = handle["origin_run_id"], handle["origin_attempt"]
+    else:
+        attempt = ok_attempt(task)
+    done = done_marker(d, flow, run_id, step, task_id, attempt)
     assert done is not None
     sha = done["artifacts"][name]["sha"]
     return deserialize((d.datastore / flow / "data" / sha[:2] / sha).read_bytes())

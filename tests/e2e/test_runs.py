@@ -157,3 +157,15 @@ def test_resources_beyond_the_host_are_refused(daemon: Daemon) -> None:
     proc = daemon.run_flow(FLOWS / "greedy_flow.py", "run")
     assert proc.returncode != 0
     assert "exceeds this host" in proc.stdout + proc.stderr
+
+
+def test_tasks_run_in_the_submitters_working_directory(daemon: Daemon, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    (tmp_path / "input.txt").write_text("read from the cwd\n")
+    id_file = tmp_path / "id"
+    proc = subprocess.run([sys.executable, str(FLOWS / "cwd_flow.py"), "run", "--run-id-file", str(id_file)],
+                          env=daemon.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert artifact(daemon, "CwdFlow", id_file.read_text(), "start", "text") == "read from the cwd"
