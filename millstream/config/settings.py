@@ -44,6 +44,19 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True)
+class MetadataSettings:
+    """Where runs, tasks and artifacts are recorded."""
+
+    type: str = "sqlite"  # or "service"
+    path: str = ""  # sqlite: default <datastore.root>/metadata.db for a local datastore
+    url: str = ""  # service: http://host:port
+    api_key_file: str = ""  # service: a file holding the API key
+    api_key: str = ""  # service: the key itself (MILLSTREAM_METADATA_API_KEY); never printed
+    dead_after_s: float = 120.0
+    heartbeat_interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class LocalSettings:
     """Local task processes."""
 
@@ -70,6 +83,7 @@ class Settings:
 
     datastore: DatastoreSettings = field(default_factory=DatastoreSettings)
     daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    metadata: MetadataSettings = field(default_factory=MetadataSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     run: RunSettings = field(default_factory=RunSettings)
     sources: Mapping[str, str] = field(default_factory=dict)
@@ -79,8 +93,8 @@ _SECTIONS = {f.name: f.type for f in fields(Settings) if f.name != "sources"}
 
 
 def _section_class(name: str) -> type:
-    return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "local": LocalSettings,
-            "run": RunSettings}[name]
+    return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "metadata": MetadataSettings,
+            "local": LocalSettings, "run": RunSettings}[name]
 
 
 def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
@@ -153,14 +167,22 @@ def _with_local_defaults(settings: Settings, env: Mapping[str, str]) -> Settings
     uid = os.getuid()
     runtime = env.get("XDG_RUNTIME_DIR")
     socket_dir = Path(runtime) / "millstream" if runtime else Path(f"/tmp/millstream-{uid}")
-    ds, daemon = settings.datastore, settings.daemon
+    ds, daemon, meta = settings.datastore, settings.daemon, settings.metadata
+    if meta.type not in ("sqlite", "service"):
+        raise ConfigError(f"metadata.type must be sqlite or service, got {meta.type!r}")
+    if meta.type == "service" and not meta.url:
+        raise ConfigError("metadata.type = service needs metadata.url")
     if not ds.root:
         ds = replace(ds, root=str(data_home / "datastore"))
+    if not meta.path:
+        # Beside a local datastore, so one root is one whole world (as Metaflow's .metaflow).
+        base = Path(ds.root) if ds.type == "local" else data_home
+        meta = replace(meta, path=str(base / "metadata.db"))
     if not daemon.socket:
         daemon = replace(daemon, socket=str(socket_dir / "daemon.sock"))
     if not daemon.state_dir:
         daemon = replace(daemon, state_dir=str(data_home / "daemon"))
-    return replace(settings, datastore=ds, daemon=daemon)
+    return replace(settings, datastore=ds, daemon=daemon, metadata=meta)
 
 
 def describe(settings: Settings) -> list[tuple[str, Any, str]]:
@@ -170,5 +192,8 @@ def describe(settings: Settings) -> list[tuple[str, Any, str]]:
         obj = getattr(settings, section)
         for f in fields(obj):
             key = f"{section}.{f.name}"
-            rows.append((key, getattr(obj, f.name), settings.sources.get(key, "default")))
+            value = getattr(obj, f.name)
+            if f.name == "api_key" and value:
+                value = "********"
+            rows.append((key, value, settings.sources.get(key, "default")))
     return rows

@@ -26,7 +26,15 @@ from millstream.daemon.engine import Engine, Run
 from millstream.daemon.openapi import OPENAPI
 from millstream.datastore import layout
 from millstream.datastore.records import AttemptKey
-from millstream.errors import DatastoreError, MillstreamError, NotFound, SchedulerError
+from millstream.errors import (
+    DatastoreError,
+    MetadataError,
+    MetadataNotFound,
+    MillstreamError,
+    NotFound,
+    SchedulerError,
+)
+from millstream.metadata.model import RunRecord
 
 ENGINE = web.AppKey("engine", Engine)
 MAX_PAGE = 500
@@ -58,6 +66,12 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
             code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "bad_request")
             return _error(exc.status, code, exc.reason)
         raise
+    except MetadataNotFound as exc:
+        return _error(404, "not_found", str(exc))
+    except MetadataError as exc:
+        if exc.retryable:
+            return _error(503, "metadata_unavailable", f"the metadata store is unavailable: {exc}")
+        return _error(400, "rejected", str(exc))
     except (SchedulerError, DatastoreError) as exc:
         return _error(409 if isinstance(exc, SchedulerError) else 400, "rejected", str(exc))
     except (ConnectionResetError, asyncio.CancelledError):
@@ -261,33 +275,36 @@ async def submit_run(request: web.Request) -> web.Response:
                              status=201)
 
 
+def _summary(record: RunRecord) -> dict[str, Any]:
+    return {"flow": record.flow, "run_id": record.run_id, "status": record.status, "owner": record.user,
+            "created_at": record.created_at, "finished_at": record.finished_at, "message": record.message,
+            "tags": list(record.tags), "system_tags": list(record.system_tags),
+            "origin_run_id": record.origin_run_id}
+
+
 async def list_runs(request: web.Request) -> web.Response:
-    """Runs, newest first, filtered and paged with an opaque cursor."""
+    """Runs of every daemon and user recorded in the metadata store, newest first, paged."""
     engine = request.app[ENGINE]
     limit = _int_query(request, "limit", 50, 1, MAX_PAGE)
-    flow = request.query.get("flow")
     status = request.query.get("status")
-    owner = request.query.get("owner")
     if status and status not in ("running", "ok", "failed", "cancelled"):
         raise ApiFailure(400, "bad_query", "status must be running, ok, failed or cancelled")
-    summaries = {k: s for k, s in engine.finished.items()}
-    summaries.update({k: r.summary() for k, r in engine.runs.items()})
-    rows = [s for s in summaries.values() if (not flow or s["flow"] == flow) and (not status or s["status"] == status)
-            and (not owner or s["owner"] == owner)]
-    rows.sort(key=lambda s: (s["created_at"], s["flow"], s["run_id"]), reverse=True)
-    cursor = request.query.get("cursor")
-    if cursor:
-        try:
-            created, flow_c, run_c = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        except (ValueError, TypeError):
-            raise ApiFailure(400, "bad_query", "cursor is not one this API returned") from None
-        rows = [s for s in rows if (s["created_at"], s["flow"], s["run_id"]) < (created, flow_c, run_c)]
-    page = rows[:limit]
-    next_cursor = None
-    if len(rows) > limit:
-        last = page[-1]
-        next_cursor = base64.urlsafe_b64encode(json.dumps([last["created_at"], last["flow"], last["run_id"]]).encode()).decode()
-    return web.json_response({"runs": page, "next_cursor": next_cursor})
+    flow = request.query.get("flow") or None
+    if flow is not None:
+        _check_name("flow", flow, layout.check_flow)
+    tags = request.query.getall("tag", [])
+    try:
+        page = await engine.metadata.list_runs(flow=flow, status=status, user=request.query.get("owner") or None,
+                                               tags=tags, limit=limit, cursor=request.query.get("cursor") or None)
+    except MetadataError as exc:
+        if exc.retryable:
+            raise
+        raise ApiFailure(400, "bad_query", str(exc)) from None
+    rows = []
+    for record in page.items:
+        live = engine.runs.get(record.pathspec)
+        rows.append(live.summary() | {"system_tags": list(record.system_tags)} if live else _summary(record))
+    return web.json_response({"runs": rows, "next_cursor": page.next_cursor})
 
 
 def run_detail(run: Run) -> dict[str, Any]:
@@ -306,8 +323,24 @@ def run_detail(run: Run) -> dict[str, Any]:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    """One run in detail."""
-    return web.json_response(run_detail(_run_or_404(request)))
+    """One run in detail: live from this daemon, else from the metadata store."""
+    engine = request.app[ENGINE]
+    flow = _check_name("flow", request.match_info["flow"], layout.check_flow)
+    run_id = _check_name("run id", request.match_info["run_id"], layout.check_run_id)
+    run = engine.runs.get(f"{flow}/{run_id}")
+    if run is not None:
+        return web.json_response(run_detail(run))
+    record = await engine.metadata.get_run(flow, run_id)
+    tasks = await engine.metadata.list_tasks(flow, run_id)
+    steps: dict[str, dict[str, int]] = {}
+    for t in tasks:
+        counts = steps.setdefault(t.step, {s: 0 for s in (sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED)})
+        counts[t.status] = counts.get(t.status, 0) + 1
+    return web.json_response({**_summary(record), "steps": steps, "params": record.params, "tasks": [
+        {"step": t.step, "task_id": t.task_id, "pathspec": t.pathspec, "status": t.status,
+         "attempts": [{"number": a.attempt, "status": a.status, "started_at": a.started_at,
+                       "finished_at": a.finished_at, "exit_code": a.exit_code, "message": a.message,
+                       "handle": a.handle} for a in t.attempts]} for t in tasks]})
 
 
 async def _ndjson(request: web.Request) -> web.StreamResponse:

@@ -28,12 +28,15 @@ from millstream.daemon import scheduler as sch
 from millstream.daemon.checkpoint import Checkpointer, clones_key, dumps, run_record_key, summary_key
 from millstream.daemon.events import EventLog
 from millstream.daemon.logs import LogTailer
+from millstream.daemon.recorder import Recorder
 from millstream.daemon.resources import ResourcePool
 from millstream.datastore import layout
 from millstream.datastore.package import extract_package, fetch_package
 from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import ComputeError, DatastoreError, NotFound, SchedulerError
+from millstream.metadata.model import ArtifactRecord, AttemptRecord
+from millstream.metadata.store import MetadataStore
 from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
 
 log = structlog.get_logger(__name__)
@@ -94,8 +97,12 @@ class Engine:
 
     def __init__(self, *, store: ObjectStore, backend: ComputeBackend, datastore_config: dict[str, Any],
                  state_dir: Path, daemon_id: str, pool: ResourcePool, default_cpu: float = 0.5,
-                 kill_grace_s: float = 5.0, checkpoint_interval_s: float = 0.05) -> None:
+                 kill_grace_s: float = 5.0, checkpoint_interval_s: float = 0.05,
+                 metadata: MetadataStore, heartbeat_interval_s: float = 30.0) -> None:
         self.store = store
+        self.metadata = metadata
+        self.recorder = Recorder(metadata)
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.backend = backend
         self.datastore_config = datastore_config
         self.state_dir = state_dir
@@ -132,6 +139,8 @@ class Engine:
         """Load what the datastore knows, recover unfinished runs, start background work."""
         self._spawn(self.checkpoints.run(self.stop), "checkpointer")
         self._spawn(self.tailer.run(self.stop), "log-tailer")
+        self._spawn(self.recorder.run(self.stop), "metadata-recorder")
+        self._spawn(self.recorder.heartbeats(self._active, self.heartbeat_interval_s, self.stop), "heartbeats")
         await self._load_summaries()
         await self._recover()
 
@@ -147,6 +156,7 @@ class Engine:
             t.cancel()
         if drivers:
             await asyncio.wait(drivers, timeout=deadline_s)
+        await self.recorder.drain(min(3.0, deadline_s))
         self.stop.set()
         rest = list(self._tasks)
         if rest:
@@ -181,17 +191,20 @@ class Engine:
                     self._next_ids[flow] = max(self._next_ids.get(flow, 1), int(run_id) + 1)
 
     # ----------------------------------------------------------------- submission
-    async def allocate_run_id(self, flow: str, owner: str) -> str:
-        """The next run id of a flow: monotonic, claimed with put-if-absent so it never collides."""
-        async with self._id_lock:
-            n = self._next_ids.get(flow, 1)
-            while True:
-                claim = f"{layout.run_prefix(flow, str(n))}_run/claim.json"
-                if await self.store.put_if_absent(claim, dumps({"daemon": self.daemon_id, "owner": owner,
-                                                                "at": time.time()})):
-                    self._next_ids[flow] = n + 1
-                    return str(n)
-                n += 1
+    async def allocate_run_id(self, flow: str, owner: str, *, params: dict[str, Any], tags: list[str],
+                              origin_run_id: str | None, request_id: str | None) -> str:
+        """The next run id of a flow, from the metadata store (monotonic, never shared), then
+        claimed in the datastore with put-if-absent, so two stores can never hand out one id."""
+        record = await self.metadata.create_run(
+            flow, user=owner, params=params, tags=tags, system_tags=[f"user:{owner}", "runtime:millstream"],
+            daemon_id=self.daemon_id, origin_run_id=origin_run_id, request_id=request_id)
+        claim = f"{layout.run_prefix(flow, record.run_id)}_run/claim.json"
+        if not await self.store.put_if_absent(claim, dumps({"daemon": self.daemon_id, "owner": owner,
+                                                            "at": time.time()})):
+            if request_id is None:
+                raise SchedulerError(f"run {flow}/{record.run_id} already exists in the datastore: this daemon's "
+                                     "metadata store is not the one that datastore was used with")
+        return record.run_id
 
     async def submit(self, body: dict[str, Any], *, owner: str, owner_uid: int) -> Run:
         """Accept a validated submission and start driving it."""
@@ -210,7 +223,9 @@ class Engine:
         if options.get("resume") is not None:
             plan, params = await self._plan_resume(flow, graph, options)
             options["origin_run_id"] = plan["run_id"]
-        run_id = await self.allocate_run_id(flow, owner)
+        run_id = await self.allocate_run_id(flow, owner, params=params, tags=list(options.get("tags", [])),
+                                            origin_run_id=plan["run_id"] if plan else None,
+                                            request_id=body.get("request_id"))
         state = sch.initial_state(flow, run_id, max_num_splits=int(options.get("max_num_splits", 100)))
         state.origin = plan
         run = Run(flow=flow, run_id=run_id, owner=owner, owner_uid=owner_uid, graph=graph,
@@ -223,6 +238,7 @@ class Engine:
         await self._write_summary(run)
         self.checkpoints.mark(run.key, index=True)
         run.events.emit("run_started", flow=flow, run_id=run_id)
+        self._record_tasks(run, ["start/0"])
         log.info("run_submitted", run=run.key, owner=owner, steps=len(graph["steps"]))
         self._spawn(self._drive(run), f"drive-{run.key}")
         return run
@@ -233,11 +249,10 @@ class Engine:
         spec = options["resume"] if isinstance(options["resume"], dict) else {}
         origin_id = spec.get("origin_run_id")
         if origin_id is None:
-            known = [int(k.split("/", 1)[1]) for k in [*self.runs, *self.finished]
-                     if k.split("/", 1)[0] == flow and k.split("/", 1)[1].isdigit()]
-            if not known:
+            latest = await self.metadata.list_runs(flow=flow, limit=1)
+            if not latest.items:
                 raise SchedulerError(f"no run of {flow} to resume: run it first")
-            origin_id = str(max(known))
+            origin_id = latest.items[0].run_id
         origin_id = layout.check_run_id(str(origin_id))
         live = self.runs.get(f"{flow}/{origin_id}")
         if live is not None and not live.state.finished:
@@ -261,8 +276,9 @@ class Engine:
         await self.store.put(clones_key(run.flow, run.run_id), dumps(index))
         for task, attempt in clones:
             decisions = resume.task_cloned(run.graph, run.state, task.key, attempt, now)
-            run.events.emit("task_cloned", pathspec=f"{run.key}/{task.key}",
-                            origin=task.attempts[-1].handle["cloned_from"])  # type: ignore[index]
+            origin_pathspec = str((task.attempts[-1].handle or {})["cloned_from"])
+            run.events.emit("task_cloned", pathspec=f"{run.key}/{task.key}", origin=origin_pathspec)
+            self._record_clone(run, task, origin_pathspec)
             self._apply(run, decisions)
         self.checkpoints.mark(run.key)
 
@@ -404,6 +420,7 @@ class Engine:
                         attempt=attempt.number, pid=handle.get("pid"))
         out, err = self._log_paths(run, AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number))
         self.tailer.watch((run.key, task.key, attempt.number), run.events, pathspec, attempt.number, out, err)
+        self._record_attempt(run, task, attempt)
         self.checkpoints.mark(run.key)
 
     async def _watch(self, run: Run, task: sch.Task, attempt: sch.Attempt, timeout_s: float | None) -> None:
@@ -451,9 +468,12 @@ class Engine:
         run.events.emit("task_finished", pathspec=f"{run.key}/{task.key}", attempt=number, status=attempt.status,
                         exit_code=code, message=attempt.message if attempt.status != sch.OK else None,
                         retrying=task.status == sch.PENDING)
+        self._record_attempt(run, task, attempt, done)
         self._apply(run, decisions)
 
     def _apply(self, run: Run, decisions: sch.Decisions) -> None:
+        if decisions.new_tasks:
+            self._record_tasks(run, decisions.new_tasks)
         for key, number in decisions.cancel:
             handle = run.state.tasks[key].attempts[number].handle
             if handle:
@@ -470,7 +490,49 @@ class Engine:
         log.info("run_finished", run=run.key, status=run.state.status, message=run.state.message)
         self.checkpoints.mark(run.key, index=True)
         self._spawn(self._write_summary(run), f"summary-{run.key}")
+        status, message = run.state.status, run.state.message
+        self.recorder.record(f"finish {run.key}", lambda: self.metadata.finish_run(
+            run.flow, run.run_id, status=status, message=message, now=run.finished_at))
         run.wake.set()
+
+    # ----------------------------------------------------------------- metadata
+    def _record_tasks(self, run: Run, keys: list[str]) -> None:
+        for key in keys:
+            task = run.state.tasks[key]
+            parents = [f"{s}/{t}" for s, t in task.parents]
+            self.recorder.record(f"task {run.key}/{key}", lambda t=task, p=parents: self.metadata.record_task(
+                run.flow, run.run_id, t.step, t.task_id, foreach_index=t.index, parents=p))
+
+    def _record_clone(self, run: Run, task: sch.Task, origin_pathspec: str) -> None:
+        attempt = task.attempts[-1]
+        origin = origin_pathspec.rsplit("/", 1)[0]
+        record = AttemptRecord(attempt=0, status="ok", started_at=attempt.started_at,
+                               finished_at=attempt.finished_at, exit_code=0, handle=attempt.handle)
+
+        async def write() -> None:
+            await self.metadata.record_task(run.flow, run.run_id, task.step, task.task_id,
+                                            foreach_index=task.index, parents=[f"{s}/{t}" for s, t in task.parents],
+                                            origin=origin)
+            await self.metadata.record_attempt(run.flow, run.run_id, task.step, task.task_id, record)
+
+        self.recorder.record(f"clone {run.key}/{task.key}", write)
+
+    def _record_attempt(self, run: Run, task: sch.Task, attempt: sch.Attempt,
+                        done: dict[str, Any] | None = None) -> None:
+        record = AttemptRecord(attempt=attempt.number, status=attempt.status, started_at=attempt.started_at,
+                               finished_at=attempt.finished_at, exit_code=attempt.exit_code,
+                               message=attempt.message, handle=attempt.handle)
+        artifacts = [ArtifactRecord(name=name, sha=ref["sha"], size=int(ref.get("size", 0)),
+                                    type_name=str(ref.get("type_name", "")))
+                     for name, ref in sorted(((done or {}).get("artifacts") or {}).items())]
+
+        async def write() -> None:
+            await self.metadata.record_attempt(run.flow, run.run_id, task.step, task.task_id, record)
+            if artifacts and attempt.status == sch.OK:
+                await self.metadata.record_artifacts(run.flow, run.run_id, task.step, task.task_id,
+                                                     attempt.number, artifacts)
+
+        self.recorder.record(f"attempt {run.key}/{task.key}/{attempt.number}", write)
 
     # ----------------------------------------------------------------- recovery
     async def _recover(self) -> None:

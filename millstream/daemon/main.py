@@ -26,6 +26,7 @@ from millstream.daemon.api import make_app
 from millstream.daemon.engine import Engine
 from millstream.daemon.resources import ResourcePool, host_memory_mb
 from millstream.datastore.backends import open_store
+from millstream.metadata.backends import metadata_store
 
 
 def configure_logging() -> None:
@@ -68,9 +69,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     pool = ResourcePool(slots=local.max_slots or 4 * cores, cpus=local.max_cpus or float(cores),
                         memory_mb=local.max_memory_mb or host_memory_mb())
     backend = LocalBackend(fork=local.fork, spool_dir=state_dir / "spool", zygote_idle_s=local.zygote_idle_s)
+    metadata = metadata_store(settings.metadata)
+    await metadata.open()
     engine = Engine(store=store, backend=backend, datastore_config=datastore_config, state_dir=state_dir,
                     daemon_id=settings.daemon.id, pool=pool, default_cpu=local.default_cpu,
-                    kill_grace_s=local.kill_grace_s, checkpoint_interval_s=settings.daemon.checkpoint_interval_s)
+                    kill_grace_s=local.kill_grace_s, checkpoint_interval_s=settings.daemon.checkpoint_interval_s,
+                    metadata=metadata, heartbeat_interval_s=settings.metadata.heartbeat_interval_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,6 +107,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     with contextlib.suppress(asyncio.CancelledError):
         await retirer
     await runner.cleanup()
+    await metadata.close()
     log.info("daemon_stopped")
     return 0
 
