@@ -257,6 +257,17 @@ def config_show(state: CliState) -> None:
     click.echo(table(("KEY", "VALUE", "SOURCE"), rows), nl=False)
 
 
+@cli.command("metadata-service", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+             add_help_option=False)
+@click.pass_context
+def metadata_service(ctx: click.Context) -> None:
+    """Run the metadata service (aiohttp on PostgreSQL): millstream metadata-service --dsn ... [--help]."""
+    from millstream.metadata.service.__main__ import main as service_main
+
+    sys.exit(service_main(list(ctx.args)))
+
+
 def main() -> None:
     """The ``millstream`` console script."""
     cli(prog_name="millstream")
+

@@ -26,4 +26,7 @@ def metadata_store(settings: MetadataSettings) -> MetadataStore:
             key = Path(os.path.expanduser(settings.api_key_file)).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"metadata.api_key_file {settings.api_key_file}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError("metadata.type = service needs an API key: set metadata.api_key_file "
+                          "or MILLSTREAM_METADATA_API_KEY")
     return ServiceMetadataStore(settings.url, api_key=key)
