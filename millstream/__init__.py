@@ -29,8 +29,7 @@ __version__ = "0.1.0"
 
 # The Client API is imported on first use: flows that only run need none of it.
 _CLIENT_NAMES = frozenset(
-    {"Flow", "Run", "Step", "Task", "DataArtifact", "Metaflow", "namespace", "get_namespace",
-     "default_namespace"}
+    {"Flow", "Run", "Step", "Task", "DataArtifact", "Metaflow", "namespace", "get_namespace", "default_namespace"}
 )
 
 
@@ -43,7 +42,29 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "FlowSpec", "IncludeFile", "JSONType", "Parameter", "batch", "card", "catch", "current",
-    "environment", "project", "resources", "retry", "schedule", "step", "timeout",
-    "trigger_on_finish", *sorted(_CLIENT_NAMES),
+    "DataArtifact",
+    "Flow",
+    "FlowSpec",
+    "IncludeFile",
+    "JSONType",
+    "Metaflow",
+    "Parameter",
+    "Run",
+    "Step",
+    "Task",
+    "batch",
+    "card",
+    "catch",
+    "current",
+    "default_namespace",
+    "environment",
+    "get_namespace",
+    "namespace",
+    "project",
+    "resources",
+    "retry",
+    "schedule",
+    "step",
+    "timeout",
+    "trigger_on_finish",
 ]

@@ -1,19 +1,19 @@
 """The one exception tree of millstream.
 
-    MillstreamError
-    ├── ConfigError               a bad setting: names the file, key and expected type
-    ├── FlowError                 a flow that cannot run as written
-    │   ├── FlowValidationError   the graph is malformed: names the file, line and fix
-    │   └── ParameterError        a bad or missing parameter value (also ValueError)
-    ├── DatastoreError            the object store failed
-    │   └── NotFound              no object under that key (also KeyError)
-    ├── ComputeError              a backend could not launch or watch an attempt
-    │                             (``retryable`` says whether a retry may help)
-    ├── MetadataError             the metadata store failed (``retryable`` for connections)
-    │   ├── MetadataNotFound      no such run or task (also KeyError)
-    │   └── MetadataConflict      the request contradicts what is stored
-    ├── SchedulerError            the daemon refused a run (too many splits, ...)
-    └── ApiError                  a request to the daemon failed (status and code)
+MillstreamError
+├── ConfigError               a bad setting: names the file, key and expected type
+├── FlowError                 a flow that cannot run as written
+│   ├── FlowValidationError   the graph is malformed: names the file, line and fix
+│   └── ParameterError        a bad or missing parameter value (also ValueError)
+├── DatastoreError            the object store failed
+│   └── NotFound              no object under that key (also KeyError)
+├── ComputeError              a backend could not launch or watch an attempt
+│                             (``retryable`` says whether a retry may help)
+├── MetadataError             the metadata store failed (``retryable`` for connections)
+│   ├── MetadataNotFound      no such run or task (also KeyError)
+│   └── MetadataConflict      the request contradicts what is stored
+├── SchedulerError            the daemon refused a run (too many splits, ...)
+└── ApiError                  a request to the daemon failed (status and code)
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class FlowError(MillstreamError):
 class FlowValidationError(FlowError):
     """The flow's graph is malformed; carries the file and line of the offending step."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 fix: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, fix: str | None = None
+    ) -> None:
         self.file = file
         self.line = line
         self.fix = fix

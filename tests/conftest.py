@@ -70,8 +70,13 @@ class Daemon:
         log = self.root / f"daemon-{self.starts}.log"
         self.logs.append(log)
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "millstream.daemon"], env=self.env,
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "millstream.daemon"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         wait_until(lambda: _answers(self.socket) or self.proc.poll() is not None, 20)
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{log.read_text()}")
@@ -86,13 +91,20 @@ class Daemon:
         finally:
             self.proc = None
 
-    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         """One HTTP request over the socket; JSON bodies are decoded."""
         import http.client
 
         class Conn(http.client.HTTPConnection):
-            def connect(inner) -> None:  # noqa: N805
+            def connect(inner) -> None:
                 inner.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 inner.sock.settimeout(30)
                 inner.sock.connect(self.socket)
@@ -120,13 +132,20 @@ class Daemon:
 
     def run_flow(self, flow_file: Path | str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
         """``python FLOW run ARGS`` against this daemon, as a user types it."""
-        return subprocess.run([sys.executable, str(flow_file), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout_s, cwd=str(Path(flow_file).parent))
+        return subprocess.run(
+            [sys.executable, str(flow_file), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=str(Path(flow_file).parent),
+        )
 
     def cli(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         """``millstream ARGS`` against this daemon."""
-        return subprocess.run([sys.executable, "-m", "millstream", *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout_s)
+        return subprocess.run(
+            [sys.executable, "-m", "millstream", *args], env=self.env, capture_output=True, text=True, timeout=timeout_s
+        )
 
     def run_state(self, flow: str, run_id: str) -> dict[str, Any]:
         """GET /v1/runs/FLOW/RUN."""
@@ -144,14 +163,16 @@ def daemon_factory() -> Iterator[Callable[..., Daemon]]:
         # Unix socket paths are limited to 108 bytes: keep the root short.
         root = Path(tempfile.mkdtemp(prefix="ms-", dir="/tmp"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MILLSTREAM_")}
-        env.update({
-            "MILLSTREAM_DAEMON_SOCKET": str(root / "d.sock"),
-            "MILLSTREAM_DATASTORE_ROOT": str(root / "ds"),
-            "MILLSTREAM_DAEMON_STATE_DIR": str(root / "state"),
-            "MILLSTREAM_DATASTORE_DURABLE": "false",
-            "MILLSTREAM_CONFIG": str(root / "config.toml"),
-            "PYTHONUNBUFFERED": "1",
-        })
+        env.update(
+            {
+                "MILLSTREAM_DAEMON_SOCKET": str(root / "d.sock"),
+                "MILLSTREAM_DATASTORE_ROOT": str(root / "ds"),
+                "MILLSTREAM_DAEMON_STATE_DIR": str(root / "state"),
+                "MILLSTREAM_DATASTORE_DURABLE": "false",
+                "MILLSTREAM_CONFIG": str(root / "config.toml"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         env.update({f"MILLSTREAM_{k.upper()}": v for k, v in settings.items()})
         d = Daemon(root=root, env=env)
         made.append(d)

@@ -80,10 +80,18 @@ class LocalBackend:
     @staticmethod
     def _zygote_key(request: LaunchRequest) -> str:
         spec = request.spec
-        digest = hashlib.sha256(json.dumps(
-            [spec.package_dir, spec.module_file, spec.class_name, request.python, sorted(request.env.items()),
-             request.cwd]
-        ).encode()).hexdigest()
+        digest = hashlib.sha256(
+            json.dumps(
+                [
+                    spec.package_dir,
+                    spec.module_file,
+                    spec.class_name,
+                    request.python,
+                    sorted(request.env.items()),
+                    request.cwd,
+                ]
+            ).encode()
+        ).hexdigest()
         return digest[:16]
 
     async def _zygote(self, request: LaunchRequest) -> _Zygote:
@@ -113,9 +121,18 @@ class LocalBackend:
         err.parent.mkdir(parents=True, exist_ok=True)
         with open(err, "ab") as err_file:
             proc = await asyncio.create_subprocess_exec(
-                request.python, "-m", "millstream.task.zygote", spec.package_dir, spec.module_file,
-                spec.class_name, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=err_file, env=request.env or None, cwd=_cwd(request), limit=1 << 20,
+                request.python,
+                "-m",
+                "millstream.task.zygote",
+                spec.package_dir,
+                spec.module_file,
+                spec.class_name,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err_file,
+                env=request.env or None,
+                cwd=_cwd(request),
+                limit=1 << 20,
             )
         assert proc.stdout is not None
         line = await proc.stdout.readline()
@@ -158,7 +175,7 @@ class LocalBackend:
             if not fut.done():
                 fut.set_exception(ComputeError("the zygote exited before launching the attempt"))
         zyg.pending.clear()
-        for ident, fut in list(zyg.exits.items()):
+        for fut in list(zyg.exits.values()):
             if not fut.done():
                 fut.set_result(-1)
         zyg.exits.clear()
@@ -184,8 +201,13 @@ class LocalBackend:
         zyg.exits[ident] = exited
         zyg.running += 1
         zyg.last_used = time.monotonic()
-        message = {"op": "launch", "id": ident, "spec": request.spec.to_dict(),
-                   "stdout": request.stdout_path, "stderr": request.stderr_path}
+        message = {
+            "op": "launch",
+            "id": ident,
+            "spec": request.spec.to_dict(),
+            "stdout": request.stdout_path,
+            "stderr": request.stderr_path,
+        }
         assert zyg.proc.stdin is not None
         zyg.proc.stdin.write(json.dumps(message).encode() + b"\n")
         await zyg.proc.stdin.drain()
@@ -199,13 +221,26 @@ class LocalBackend:
         return {"pid": pid, "pgid": pid, "proc_start": proc_start_time(pid), "via": "zygote"}
 
     async def _spawn(self, request: LaunchRequest) -> dict[str, Any]:
-        spec_path = self.spool_dir / "specs" / f"{request.spec.flow}-{request.spec.run_id}-{request.spec.step}-{request.spec.task_id}-{request.spec.attempt}.json"
+        spec = request.spec
+        spec_path = (
+            self.spool_dir
+            / "specs"
+            / "-".join((spec.flow, spec.run_id, spec.step, spec.task_id, f"{spec.attempt}.json"))
+        )
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(request.spec.to_dict()))
         with open(request.stdout_path, "ab") as out, open(request.stderr_path, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
-                request.python, "-u", "-m", "millstream.task", str(spec_path), stdin=asyncio.subprocess.DEVNULL,
-                stdout=out, stderr=err, env=request.env or None, cwd=_cwd(request),
+                request.python,
+                "-u",
+                "-m",
+                "millstream.task",
+                str(spec_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=request.env or None,
+                cwd=_cwd(request),
                 start_new_session=True,
             )
         self._procs[proc.pid] = proc

@@ -8,7 +8,6 @@ the kernel reports for the socket peer (SO_PEERCRED), never a field of the reque
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import pwd
@@ -55,7 +54,9 @@ def _error(status: int, code: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Map every failure to a JSON error; nothing escapes as a bare 500."""
     try:
         return await handler(request)
@@ -115,7 +116,11 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, re
             raise ApiFailure(400, "missing_field", f"field {name!r} is required")
         return None
     value = body[name]
-    if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+    if (
+        not isinstance(value, kind)
+        or (isinstance(value, bool)
+        and bool not in (kind if isinstance(kind, tuple) else (kind,)))
+    ):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ApiFailure(400, "wrong_type", f"field {name!r} must be {expected}")
     return value
@@ -154,7 +159,9 @@ def validate_graph(graph: Any) -> dict[str, Any]:
             raise ApiFailure(400, "bad_graph", f"join step {name!r} must name the split it closes")
         if node["type"] == "foreach" and not isinstance(node.get("foreach_var"), str):
             raise ApiFailure(400, "bad_graph", f"foreach step {name!r} needs foreach_var")
-        if node["type"] == "split-switch" and not (isinstance(node.get("cases"), dict) and isinstance(node.get("condition"), str)):
+        if node["type"] == "split-switch" and not (
+            isinstance(node.get("cases"), dict) and isinstance(node.get("condition"), str)
+        ):
             raise ApiFailure(400, "bad_graph", f"switch step {name!r} needs cases and condition")
         for d in node["decorators"]:
             if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("attributes"), dict)):
@@ -199,8 +206,14 @@ async def health(request: web.Request) -> web.Response:
 
     engine = request.app[ENGINE]
     active = sum(1 for r in engine.runs.values() if not r.state.finished)
-    return web.json_response({"status": "ok" if engine.accepting else "stopping", "version": millstream.__version__,
-                              "pid": os.getpid(), "active_runs": active})
+    return web.json_response(
+        {
+            "status": "ok" if engine.accepting else "stopping",
+            "version": millstream.__version__,
+            "pid": os.getpid(),
+            "active_runs": active,
+        }
+    )
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -254,7 +267,9 @@ async def submit_run(request: web.Request) -> web.Response:
         raise ApiFailure(400, "wrong_type", "env must map strings to strings")
     options = _field(body, "options", dict, required=False) or {}
     for key, lo, hi in (("max_workers", 1, 10_000), ("max_num_splits", 1, 1_000_000)):
-        if key in options and (not isinstance(options[key], int) or isinstance(options[key], bool) or not lo <= options[key] <= hi):
+        if key in options and (
+            not isinstance(options[key], int) or isinstance(options[key], bool) or not lo <= options[key] <= hi
+        ):
             raise ApiFailure(400, "bad_option", f"options.{key} must be an integer from {lo} to {hi}")
     cwd = options.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not Path(cwd).is_absolute()):
@@ -271,15 +286,24 @@ async def submit_run(request: web.Request) -> web.Response:
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in tags):
         raise ApiFailure(400, "bad_option", "options.tags must be a list of non-empty strings")
     run = await engine.submit({**body, "graph": graph, "env": env, "options": options}, owner=user, owner_uid=uid)
-    return web.json_response({"flow": run.flow, "run_id": run.run_id, "pathspec": run.key, "owner": run.owner},
-                             status=201)
+    return web.json_response(
+        {"flow": run.flow, "run_id": run.run_id, "pathspec": run.key, "owner": run.owner}, status=201
+    )
 
 
 def _summary(record: RunRecord) -> dict[str, Any]:
-    return {"flow": record.flow, "run_id": record.run_id, "status": record.status, "owner": record.user,
-            "created_at": record.created_at, "finished_at": record.finished_at, "message": record.message,
-            "tags": list(record.tags), "system_tags": list(record.system_tags),
-            "origin_run_id": record.origin_run_id}
+    return {
+        "flow": record.flow,
+        "run_id": record.run_id,
+        "status": record.status,
+        "owner": record.user,
+        "created_at": record.created_at,
+        "finished_at": record.finished_at,
+        "message": record.message,
+        "tags": list(record.tags),
+        "system_tags": list(record.system_tags),
+        "origin_run_id": record.origin_run_id,
+    }
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -294,8 +318,14 @@ async def list_runs(request: web.Request) -> web.Response:
         _check_name("flow", flow, layout.check_flow)
     tags = request.query.getall("tag", [])
     try:
-        page = await engine.metadata.list_runs(flow=flow, status=status, user=request.query.get("owner") or None,
-                                               tags=tags, limit=limit, cursor=request.query.get("cursor") or None)
+        page = await engine.metadata.list_runs(
+            flow=flow,
+            status=status,
+            user=request.query.get("owner") or None,
+            tags=tags,
+            limit=limit,
+            cursor=request.query.get("cursor") or None,
+        )
     except MetadataError as exc:
         if exc.retryable:
             raise
@@ -309,16 +339,33 @@ async def list_runs(request: web.Request) -> web.Response:
 
 def run_detail(run: Run) -> dict[str, Any]:
     """A run's summary with per-step counts and every task's attempts."""
-    steps: dict[str, dict[str, int]] = {name: {s: 0 for s in (sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED)}
-                                        for name in run.graph["steps"]}
+    steps: dict[str, dict[str, int]] = {
+        name: dict.fromkeys((sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED), 0)
+        for name in run.graph["steps"]
+    }
     tasks = []
     for task in run.state.tasks.values():
         steps[task.step][task.status] += 1
-        tasks.append({"step": task.step, "task_id": task.task_id, "pathspec": f"{run.key}/{task.key}",
-                      "status": task.status, "attempts": [
-                          {"number": a.number, "status": a.status, "started_at": a.started_at,
-                           "finished_at": a.finished_at, "exit_code": a.exit_code, "message": a.message,
-                           "handle": a.handle} for a in task.attempts]})
+        tasks.append(
+            {
+                "step": task.step,
+                "task_id": task.task_id,
+                "pathspec": f"{run.key}/{task.key}",
+                "status": task.status,
+                "attempts": [
+                    {
+                        "number": a.number,
+                        "status": a.status,
+                        "started_at": a.started_at,
+                        "finished_at": a.finished_at,
+                        "exit_code": a.exit_code,
+                        "message": a.message,
+                        "handle": a.handle,
+                    }
+                    for a in task.attempts
+                ],
+            }
+        )
     return {**run.summary(), "steps": steps, "tasks": tasks, "params": run.params}
 
 
@@ -334,13 +381,37 @@ async def get_run(request: web.Request) -> web.Response:
     tasks = await engine.metadata.list_tasks(flow, run_id)
     steps: dict[str, dict[str, int]] = {}
     for t in tasks:
-        counts = steps.setdefault(t.step, {s: 0 for s in (sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED)})
+        statuses = (sch.PENDING, sch.RUNNING, sch.OK, sch.FAILED, sch.CANCELLED)
+        counts = steps.setdefault(t.step, dict.fromkeys(statuses, 0))
         counts[t.status] = counts.get(t.status, 0) + 1
-    return web.json_response({**_summary(record), "steps": steps, "params": record.params, "tasks": [
-        {"step": t.step, "task_id": t.task_id, "pathspec": t.pathspec, "status": t.status,
-         "attempts": [{"number": a.attempt, "status": a.status, "started_at": a.started_at,
-                       "finished_at": a.finished_at, "exit_code": a.exit_code, "message": a.message,
-                       "handle": a.handle} for a in t.attempts]} for t in tasks]})
+    return web.json_response(
+        {
+            **_summary(record),
+            "steps": steps,
+            "params": record.params,
+            "tasks": [
+                {
+                    "step": t.step,
+                    "task_id": t.task_id,
+                    "pathspec": t.pathspec,
+                    "status": t.status,
+                    "attempts": [
+                        {
+                            "number": a.attempt,
+                            "status": a.status,
+                            "started_at": a.started_at,
+                            "finished_at": a.finished_at,
+                            "exit_code": a.exit_code,
+                            "message": a.message,
+                            "handle": a.handle,
+                        }
+                        for a in t.attempts
+                    ],
+                }
+                for t in tasks
+            ],
+        }
+    )
 
 
 async def _ndjson(request: web.Request) -> web.StreamResponse:
@@ -385,7 +456,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     offset = _int_query(request, "offset", 0)
     follow = _flag(request, "follow")
     akey = AttemptKey(run.flow, run.run_id, step, task_id, attempt_no)
-    local_path = Path(engine._log_paths(run, akey)[0 if stream == "stdout" else 1])  # noqa: SLF001
+    local_path = Path(engine._log_paths(run, akey)[0 if stream == "stdout" else 1])
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)

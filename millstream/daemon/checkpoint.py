@@ -3,8 +3,8 @@
 Every state transition marks its run dirty; one writer task per daemon writes the
 latest state of each dirty run, so a burst of a thousand transitions costs a handful
 of writes. Correctness never depends on the newest checkpoint: recovery reconciles
-whatever it reads against the attempt records in the datastore (see
-:mod:`millstream.daemon.recovery`).
+whatever it reads against the attempt records in the datastore (see ``docs/recovery.md``
+and the recovery part of :mod:`millstream.daemon.engine`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def clones_key(flow: str, run_id: str) -> str:
 
 def summary_key(daemon_id: str, flow: str, run_id: str) -> str:
     """Where the daemon keeps a run's one-line summary."""
-    return f"daemon/{layout.check_daemon_id(daemon_id)}/runs/{layout.check_flow(flow)}/{layout.check_run_id(run_id)}.json"
+    return (
+        f"daemon/{layout.check_daemon_id(daemon_id)}/runs/{layout.check_flow(flow)}/{layout.check_run_id(run_id)}.json"
+    )
 
 
 def dumps(data: Any) -> bytes:
@@ -46,8 +48,15 @@ def dumps(data: Any) -> bytes:
 class Checkpointer:
     """Writes dirty runs' state and the active-run index, coalescing bursts."""
 
-    def __init__(self, store: ObjectStore, daemon_id: str, snapshot: Callable[[str], tuple[str, str, dict[str, Any]] | None],
-                 active: Callable[[], list[list[str]]], *, interval_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        daemon_id: str,
+        snapshot: Callable[[str], tuple[str, str, dict[str, Any]] | None],
+        active: Callable[[], list[list[str]]],
+        *,
+        interval_s: float = 0.05,
+    ) -> None:
         self.store = store
         self.daemon_id = daemon_id
         self.snapshot = snapshot

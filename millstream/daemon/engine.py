@@ -28,14 +28,13 @@ from millstream.daemon import scheduler as sch
 from millstream.daemon.checkpoint import Checkpointer, clones_key, dumps, run_record_key, summary_key
 from millstream.daemon.events import EventLog
 from millstream.daemon.logs import LogTailer
-from millstream.daemon.recorder import Recorder
+from millstream.daemon.recorder import Recorder, record_attempt, record_clone, record_tasks
 from millstream.daemon.resources import ResourcePool
 from millstream.datastore import layout
 from millstream.datastore.package import extract_package, fetch_package
 from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import ComputeError, DatastoreError, NotFound, SchedulerError
-from millstream.metadata.model import ArtifactRecord, AttemptRecord
 from millstream.metadata.store import MetadataStore
 from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
 
@@ -78,27 +77,60 @@ class Run:
 
     def record(self) -> dict[str, Any]:
         """The submission as stored in the datastore."""
-        return {k: getattr(self, k) for k in (
-            "flow", "run_id", "owner", "owner_uid", "graph", "params", "package", "module_file",
-            "class_name", "python", "env", "options", "created_at")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "flow",
+                "run_id",
+                "owner",
+                "owner_uid",
+                "graph",
+                "params",
+                "package",
+                "module_file",
+                "class_name",
+                "python",
+                "env",
+                "options",
+                "created_at",
+            )
+        }
 
     def summary(self) -> dict[str, Any]:
         """The one-line view: ``runs`` lists these."""
         status = self.state.status
         if status in ("failing", "cancelling"):
             status = "running"
-        return {"flow": self.flow, "run_id": self.run_id, "status": status, "owner": self.owner,
-                "created_at": self.created_at, "finished_at": self.finished_at,
-                "message": self.state.message, "tags": list(self.options.get("tags", []))}
+        return {
+            "flow": self.flow,
+            "run_id": self.run_id,
+            "status": status,
+            "owner": self.owner,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "message": self.state.message,
+            "tags": list(self.options.get("tags", [])),
+        }
 
 
 class Engine:
     """Holds every run of this daemon and drives each to its end."""
 
-    def __init__(self, *, store: ObjectStore, backend: ComputeBackend, datastore_config: dict[str, Any],
-                 state_dir: Path, daemon_id: str, pool: ResourcePool, default_cpu: float = 0.5,
-                 kill_grace_s: float = 5.0, checkpoint_interval_s: float = 0.05,
-                 metadata: MetadataStore, heartbeat_interval_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        backend: ComputeBackend,
+        datastore_config: dict[str, Any],
+        state_dir: Path,
+        daemon_id: str,
+        pool: ResourcePool,
+        default_cpu: float = 0.5,
+        kill_grace_s: float = 5.0,
+        checkpoint_interval_s: float = 0.05,
+        metadata: MetadataStore,
+        heartbeat_interval_s: float = 30.0,
+    ) -> None:
         self.store = store
         self.metadata = metadata
         self.recorder = Recorder(metadata)
@@ -118,8 +150,9 @@ class Engine:
         self._id_lock = asyncio.Lock()
         self._package_locks: dict[str, asyncio.Lock] = {}
         self.stop = asyncio.Event()
-        self.checkpoints = Checkpointer(store, daemon_id, self._snapshot, self._active,
-                                        interval_s=checkpoint_interval_s)
+        self.checkpoints = Checkpointer(
+            store, daemon_id, self._snapshot, self._active, interval_s=checkpoint_interval_s
+        )
         self.tailer = LogTailer()
 
     # ----------------------------------------------------------------- task ownership
@@ -132,8 +165,7 @@ class Engine:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("task_crashed", task=task.get_name(), error=repr(task.exception()),
-                      exc_info=task.exception())
+            log.error("task_crashed", task=task.get_name(), error=repr(task.exception()), exc_info=task.exception())
 
     async def start(self) -> None:
         """Load what the datastore knows, recover unfinished runs, start background work."""
@@ -191,19 +223,36 @@ class Engine:
                     self._next_ids[flow] = max(self._next_ids.get(flow, 1), int(run_id) + 1)
 
     # ----------------------------------------------------------------- submission
-    async def allocate_run_id(self, flow: str, owner: str, *, params: dict[str, Any], tags: list[str],
-                              origin_run_id: str | None, request_id: str | None) -> str:
+    async def allocate_run_id(
+        self,
+        flow: str,
+        owner: str,
+        *,
+        params: dict[str, Any],
+        tags: list[str],
+        origin_run_id: str | None,
+        request_id: str | None,
+    ) -> str:
         """The next run id of a flow, from the metadata store (monotonic, never shared), then
         claimed in the datastore with put-if-absent, so two stores can never hand out one id."""
         record = await self.metadata.create_run(
-            flow, user=owner, params=params, tags=tags, system_tags=[f"user:{owner}", "runtime:millstream"],
-            daemon_id=self.daemon_id, origin_run_id=origin_run_id, request_id=request_id)
+            flow,
+            user=owner,
+            params=params,
+            tags=tags,
+            system_tags=[f"user:{owner}", "runtime:millstream"],
+            daemon_id=self.daemon_id,
+            origin_run_id=origin_run_id,
+            request_id=request_id,
+        )
         claim = f"{layout.run_prefix(flow, record.run_id)}_run/claim.json"
-        if not await self.store.put_if_absent(claim, dumps({"daemon": self.daemon_id, "owner": owner,
-                                                            "at": time.time()})):
-            if request_id is None:
-                raise SchedulerError(f"run {flow}/{record.run_id} already exists in the datastore: this daemon's "
-                                     "metadata store is not the one that datastore was used with")
+        if not await self.store.put_if_absent(
+            claim, dumps({"daemon": self.daemon_id, "owner": owner, "at": time.time()})
+        ) and request_id is None:
+            raise SchedulerError(
+                f"run {flow}/{record.run_id} already exists in the datastore: this daemon's "
+                "metadata store is not the one that datastore was used with"
+            )
         return record.run_id
 
     async def submit(self, body: dict[str, Any], *, owner: str, owner_uid: int) -> Run:
@@ -223,15 +272,32 @@ class Engine:
         if options.get("resume") is not None:
             plan, params = await self._plan_resume(flow, graph, options)
             options["origin_run_id"] = plan["run_id"]
-        run_id = await self.allocate_run_id(flow, owner, params=params, tags=list(options.get("tags", [])),
-                                            origin_run_id=plan["run_id"] if plan else None,
-                                            request_id=body.get("request_id"))
+        run_id = await self.allocate_run_id(
+            flow,
+            owner,
+            params=params,
+            tags=list(options.get("tags", [])),
+            origin_run_id=plan["run_id"] if plan else None,
+            request_id=body.get("request_id"),
+        )
         state = sch.initial_state(flow, run_id, max_num_splits=int(options.get("max_num_splits", 100)))
         state.origin = plan
-        run = Run(flow=flow, run_id=run_id, owner=owner, owner_uid=owner_uid, graph=graph,
-                  params=params, package=body["package"], module_file=body["module_file"],
-                  class_name=body["class_name"], python=body.get("python") or sys.executable,
-                  env=dict(body.get("env") or {}), options=options, created_at=time.time(), state=state)
+        run = Run(
+            flow=flow,
+            run_id=run_id,
+            owner=owner,
+            owner_uid=owner_uid,
+            graph=graph,
+            params=params,
+            package=body["package"],
+            module_file=body["module_file"],
+            class_name=body["class_name"],
+            python=body.get("python") or sys.executable,
+            env=dict(body.get("env") or {}),
+            options=options,
+            created_at=time.time(),
+            state=state,
+        )
         await self.store.put(run_record_key(flow, run_id), dumps(run.record()))
         await self.store.put(layout.params_key(flow, run_id), dumps(run.params))
         self.runs[run.key] = run
@@ -243,7 +309,9 @@ class Engine:
         self._spawn(self._drive(run), f"drive-{run.key}")
         return run
 
-    async def _plan_resume(self, flow: str, graph: dict[str, Any], options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    async def _plan_resume(
+        self, flow: str, graph: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         import json
 
         spec = options["resume"] if isinstance(options["resume"], dict) else {}
@@ -262,8 +330,7 @@ class Engine:
             origin_state = json.loads(await self.store.get(layout.checkpoint_key(flow, origin_id)))
         except NotFound:
             raise SchedulerError(f"no run {flow}/{origin_id} to resume in this datastore") from None
-        plan = resume.plan_resume(record["graph"], origin_state, graph, origin_run_id=origin_id,
-                                  step=spec.get("step"))
+        plan = resume.plan_resume(record["graph"], origin_state, graph, origin_run_id=origin_id, step=spec.get("step"))
         return plan, record.get("params", {})
 
     async def _clone(self, run: Run, clones: list[tuple[sch.Task, int]]) -> None:
@@ -288,7 +355,7 @@ class Engine:
             self.pool.check(cpu, memory)
 
     def _demand(self, graph: dict[str, Any], step: str) -> tuple[float, int]:
-        res = sch._decorator(graph, step, "resources")  # noqa: SLF001 - same package
+        res = sch._decorator(graph, step, "resources")
         if res is None:
             return self.default_cpu, 0
         return float(res.get("cpu") or self.default_cpu), int(res.get("memory") or 0)
@@ -360,12 +427,22 @@ class Engine:
             else:
                 parents.append(ParentRef(step=step, task=task_id, attempt=parent.ok_attempt or 0))
         return TaskSpec(
-            flow=run.flow, run_id=run.run_id, step=task.step, task_id=task.task_id, attempt=number,
-            package_dir=run.package_dir, module_file=run.module_file, class_name=run.class_name,
-            datastore=self.datastore_config, params=run.params, node=run.graph["steps"][task.step],
-            parents=parents, split_index=task.split_index,
+            flow=run.flow,
+            run_id=run.run_id,
+            step=task.step,
+            task_id=task.task_id,
+            attempt=number,
+            package_dir=run.package_dir,
+            module_file=run.module_file,
+            class_name=run.class_name,
+            datastore=self.datastore_config,
+            params=run.params,
+            node=run.graph["steps"][task.step],
+            parents=parents,
+            split_index=task.split_index,
             max_user_retries=sch.max_user_retries(run.graph, task.step),
-            tags=list(run.options.get("tags", [])), username=run.owner,
+            tags=list(run.options.get("tags", [])),
+            username=run.owner,
             origin_run_id=run.options.get("origin_run_id"),
         )
 
@@ -374,7 +451,7 @@ class Engine:
         return str(base / f"{key.attempt}.stdout"), str(base / f"{key.attempt}.stderr")
 
     def _timeout_s(self, run: Run, step: str) -> float | None:
-        t = sch._decorator(run.graph, step, "timeout")  # noqa: SLF001 - same package
+        t = sch._decorator(run.graph, step, "timeout")
         if not t:
             return None
         return float(t["seconds"] + 60 * t["minutes"] + 3600 * t["hours"])
@@ -392,10 +469,17 @@ class Engine:
                 number = len(task.attempts)
                 akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, number)
                 out, err = self._log_paths(run, akey)
-                request = LaunchRequest(spec=self._spec(run, task, number), stdout_path=out, stderr_path=err,
-                                        python=run.python, env=run.env, cwd=run.options.get("cwd"),
-                                        cpu=cpu, memory_mb=memory,
-                                        timeout_s=self._timeout_s(run, task.step))
+                request = LaunchRequest(
+                    spec=self._spec(run, task, number),
+                    stdout_path=out,
+                    stderr_path=err,
+                    python=run.python,
+                    env=run.env,
+                    cwd=run.options.get("cwd"),
+                    cpu=cpu,
+                    memory_mb=memory,
+                    timeout_s=self._timeout_s(run, task.step),
+                )
                 try:
                     handle = await self.backend.launch(request)
                 except ComputeError as exc:
@@ -416,8 +500,14 @@ class Engine:
     def _started(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
         pathspec = f"{run.key}/{task.key}"
         handle = attempt.handle or {}
-        run.events.emit("task_started", pathspec=pathspec, step=task.step, task_id=task.task_id,
-                        attempt=attempt.number, pid=handle.get("pid"))
+        run.events.emit(
+            "task_started",
+            pathspec=pathspec,
+            step=task.step,
+            task_id=task.task_id,
+            attempt=attempt.number,
+            pid=handle.get("pid"),
+        )
         out, err = self._log_paths(run, AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number))
         self.tailer.watch((run.key, task.key, attempt.number), run.events, pathspec, attempt.number, out, err)
         self._record_attempt(run, task, attempt)
@@ -449,7 +539,7 @@ class Engine:
         self._finished(run, task, attempt.number, code, done_record, message, kind="user" if timed_out else None)
 
     async def _store_logs(self, run: Run, akey: AttemptKey) -> None:
-        for path, key in zip(self._log_paths(run, akey), (akey.stdout_key, akey.stderr_key)):
+        for path, key in zip(self._log_paths(run, akey), (akey.stdout_key, akey.stderr_key), strict=False):
             try:
                 if os.path.getsize(path) > 0:
                     await self.store.put_file(key, Path(path))
@@ -458,16 +548,31 @@ class Engine:
             except DatastoreError as exc:
                 log.warning("log_store_failed", key=key, error=str(exc))
 
-    def _finished(self, run: Run, task: sch.Task, number: int, code: int, done: dict[str, Any] | None,
-                  message: str | None, kind: str | None = None) -> None:
-        decisions = sch.attempt_finished(run.graph, run.state, task.key, number, exit_code=code, done=done,
-                                         now=time.time(), message=message)
+    def _finished(
+        self,
+        run: Run,
+        task: sch.Task,
+        number: int,
+        code: int,
+        done: dict[str, Any] | None,
+        message: str | None,
+        kind: str | None = None,
+    ) -> None:
+        decisions = sch.attempt_finished(
+            run.graph, run.state, task.key, number, exit_code=code, done=done, now=time.time(), message=message
+        )
         attempt = task.attempts[number]
         if kind and attempt.status == sch.FAILED:
             attempt.kind = kind
-        run.events.emit("task_finished", pathspec=f"{run.key}/{task.key}", attempt=number, status=attempt.status,
-                        exit_code=code, message=attempt.message if attempt.status != sch.OK else None,
-                        retrying=task.status == sch.PENDING)
+        run.events.emit(
+            "task_finished",
+            pathspec=f"{run.key}/{task.key}",
+            attempt=number,
+            status=attempt.status,
+            exit_code=code,
+            message=attempt.message if attempt.status != sch.OK else None,
+            retrying=task.status == sch.PENDING,
+        )
         self._record_attempt(run, task, attempt, done)
         self._apply(run, decisions)
 
@@ -491,48 +596,23 @@ class Engine:
         self.checkpoints.mark(run.key, index=True)
         self._spawn(self._write_summary(run), f"summary-{run.key}")
         status, message = run.state.status, run.state.message
-        self.recorder.record(f"finish {run.key}", lambda: self.metadata.finish_run(
-            run.flow, run.run_id, status=status, message=message, now=run.finished_at))
+        self.recorder.record(
+            f"finish {run.key}",
+            lambda: self.metadata.finish_run(run.flow, run.run_id, status=status, message=message, now=run.finished_at),
+        )
         run.wake.set()
 
     # ----------------------------------------------------------------- metadata
     def _record_tasks(self, run: Run, keys: list[str]) -> None:
-        for key in keys:
-            task = run.state.tasks[key]
-            parents = [f"{s}/{t}" for s, t in task.parents]
-            self.recorder.record(f"task {run.key}/{key}", lambda t=task, p=parents: self.metadata.record_task(
-                run.flow, run.run_id, t.step, t.task_id, foreach_index=t.index, parents=p))
+        record_tasks(self.recorder, run.flow, run.run_id, [run.state.tasks[k] for k in keys])
 
     def _record_clone(self, run: Run, task: sch.Task, origin_pathspec: str) -> None:
-        attempt = task.attempts[-1]
-        origin = origin_pathspec.rsplit("/", 1)[0]
-        record = AttemptRecord(attempt=0, status="ok", started_at=attempt.started_at,
-                               finished_at=attempt.finished_at, exit_code=0, handle=attempt.handle)
+        record_clone(self.recorder, run.flow, run.run_id, task, origin_pathspec)
 
-        async def write() -> None:
-            await self.metadata.record_task(run.flow, run.run_id, task.step, task.task_id,
-                                            foreach_index=task.index, parents=[f"{s}/{t}" for s, t in task.parents],
-                                            origin=origin)
-            await self.metadata.record_attempt(run.flow, run.run_id, task.step, task.task_id, record)
-
-        self.recorder.record(f"clone {run.key}/{task.key}", write)
-
-    def _record_attempt(self, run: Run, task: sch.Task, attempt: sch.Attempt,
-                        done: dict[str, Any] | None = None) -> None:
-        record = AttemptRecord(attempt=attempt.number, status=attempt.status, started_at=attempt.started_at,
-                               finished_at=attempt.finished_at, exit_code=attempt.exit_code,
-                               message=attempt.message, handle=attempt.handle)
-        artifacts = [ArtifactRecord(name=name, sha=ref["sha"], size=int(ref.get("size", 0)),
-                                    type_name=str(ref.get("type_name", "")))
-                     for name, ref in sorted(((done or {}).get("artifacts") or {}).items())]
-
-        async def write() -> None:
-            await self.metadata.record_attempt(run.flow, run.run_id, task.step, task.task_id, record)
-            if artifacts and attempt.status == sch.OK:
-                await self.metadata.record_artifacts(run.flow, run.run_id, task.step, task.task_id,
-                                                     attempt.number, artifacts)
-
-        self.recorder.record(f"attempt {run.key}/{task.key}/{attempt.number}", write)
+    def _record_attempt(
+        self, run: Run, task: sch.Task, attempt: sch.Attempt, done: dict[str, Any] | None = None
+    ) -> None:
+        record_attempt(self.recorder, run.flow, run.run_id, task, attempt, done)
 
     # ----------------------------------------------------------------- recovery
     async def _recover(self) -> None:
@@ -546,9 +626,13 @@ class Engine:
             try:
                 record = json.loads(await self.store.get(run_record_key(flow, run_id)))
                 try:
-                    state = sch.RunState.from_dict(json.loads(await self.store.get(layout.checkpoint_key(flow, run_id))))
+                    state = sch.RunState.from_dict(
+                        json.loads(await self.store.get(layout.checkpoint_key(flow, run_id)))
+                    )
                 except NotFound:
-                    state = sch.initial_state(flow, run_id, max_num_splits=int(record["options"].get("max_num_splits", 100)))
+                    state = sch.initial_state(
+                        flow, run_id, max_num_splits=int(record["options"].get("max_num_splits", 100))
+                    )
             except (NotFound, ValueError, KeyError) as exc:
                 log.error("recovery_skipped_run", run=f"{flow}/{run_id}", error=str(exc))
                 continue
@@ -581,8 +665,12 @@ class Engine:
         if not handle:
             started = await read_started(self.store, akey)
             if started:
-                handle = {"pid": started["pid"], "pgid": started["pid"], "proc_start": started.get("proc_start"),
-                          "via": "reattached"}
+                handle = {
+                    "pid": started["pid"],
+                    "pgid": started["pid"],
+                    "proc_start": started.get("proc_start"),
+                    "via": "reattached",
+                }
                 attempt.handle = handle
         if handle and await self.backend.reattach(handle):
             log.info("attempt_reattached", run=run.key, task=task.key, attempt=attempt.number, pid=handle.get("pid"))
@@ -602,7 +690,9 @@ class Engine:
     async def _adopt_attempts(self, run: Run, task: sch.Task) -> bool:
         """In a recovered run, take over attempts launched before the checkpoint knew of them."""
         known = len(task.attempts)
-        found = [n for n in await list_attempts(self.store, run.flow, run.run_id, task.step, task.task_id) if n >= known]
+        found = [
+            n for n in await list_attempts(self.store, run.flow, run.run_id, task.step, task.task_id) if n >= known
+        ]
         if not found:
             return False
         for number in range(known, max(found) + 1):

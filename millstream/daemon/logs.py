@@ -54,8 +54,13 @@ class LogTailer:
                 rest = b""
             w.partial[stream] = rest
             for line in lines:
-                w.events.emit("log", pathspec=w.pathspec, attempt=w.attempt, stream=stream,
-                              line=line.decode("utf-8", errors="replace"))
+                w.events.emit(
+                    "log",
+                    pathspec=w.pathspec,
+                    attempt=w.attempt,
+                    stream=stream,
+                    line=line.decode("utf-8", errors="replace"),
+                )
 
     async def finish(self, ident: Any) -> None:
         """Emit what is left of an attempt's output and stop following it."""

@@ -33,8 +33,13 @@ def configure_logging() -> None:
     """structlog: JSON lines when not on a TTY (journald), readable on a terminal."""
     renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
-                    structlog.processors.TimeStamper(fmt="iso"), structlog.processors.format_exc_info, renderer],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
     )
@@ -61,34 +66,56 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         os.unlink(sock_path)
     state_dir = Path(settings.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    datastore_config = {"type": settings.datastore.type, "root": settings.datastore.root,
-                        "durable": settings.datastore.durable}
+    datastore_config = {
+        "type": settings.datastore.type,
+        "root": settings.datastore.root,
+        "durable": settings.datastore.durable,
+    }
     store = open_store(datastore_config)
     cores = os.cpu_count() or 1
     local = settings.local
-    pool = ResourcePool(slots=local.max_slots or 4 * cores, cpus=local.max_cpus or float(cores),
-                        memory_mb=local.max_memory_mb or host_memory_mb())
+    pool = ResourcePool(
+        slots=local.max_slots or 4 * cores,
+        cpus=local.max_cpus or float(cores),
+        memory_mb=local.max_memory_mb or host_memory_mb(),
+    )
     backend = LocalBackend(fork=local.fork, spool_dir=state_dir / "spool", zygote_idle_s=local.zygote_idle_s)
     metadata = metadata_store(settings.metadata)
     await metadata.open()
-    engine = Engine(store=store, backend=backend, datastore_config=datastore_config, state_dir=state_dir,
-                    daemon_id=settings.daemon.id, pool=pool, default_cpu=local.default_cpu,
-                    kill_grace_s=local.kill_grace_s, checkpoint_interval_s=settings.daemon.checkpoint_interval_s,
-                    metadata=metadata, heartbeat_interval_s=settings.metadata.heartbeat_interval_s)
+    engine = Engine(
+        store=store,
+        backend=backend,
+        datastore_config=datastore_config,
+        state_dir=state_dir,
+        daemon_id=settings.daemon.id,
+        pool=pool,
+        default_cpu=local.default_cpu,
+        kill_grace_s=local.kill_grace_s,
+        checkpoint_interval_s=settings.daemon.checkpoint_interval_s,
+        metadata=metadata,
+        heartbeat_interval_s=settings.metadata.heartbeat_interval_s,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
     app = make_app(engine, max_body_bytes=settings.daemon.max_body_mb << 20)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s))
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s)
+    )
     await runner.setup()
     site = web.UnixSite(runner, sock_path)
     await site.start()
     os.chmod(sock_path, 0o600)
-    log.info("daemon_ready", socket=sock_path, pid=os.getpid(), datastore=settings.datastore.root,
-             slots=pool.slots, cpus=pool.cpus)
+    log.info(
+        "daemon_ready",
+        socket=sock_path,
+        pid=os.getpid(),
+        datastore=settings.datastore.root,
+        slots=pool.slots,
+        cpus=pool.cpus,
+    )
     if ready is not None:
         ready.set()
 

@@ -20,7 +20,9 @@ from typing import Any
 
 import structlog
 
+from millstream.daemon import scheduler as sch
 from millstream.errors import MetadataError
+from millstream.metadata.model import ArtifactRecord, AttemptRecord
 from millstream.metadata.store import MetadataStore
 
 log = structlog.get_logger(__name__)
@@ -94,3 +96,73 @@ class Recorder:
                 self.record(f"heartbeat {flow}/{run_id}", lambda f=flow, r=run_id: self.store.heartbeat_run(f, r))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
+
+
+# --------------------------------------------------------------------- what the engine records
+def record_tasks(recorder: Recorder, flow: str, run_id: str, tasks: list[sch.Task]) -> None:
+    """New tasks of a run (pending)."""
+    store = recorder.store
+    for task in tasks:
+        parents = [f"{s}/{t}" for s, t in task.parents]
+        recorder.record(
+            f"task {flow}/{run_id}/{task.key}",
+            lambda t=task, p=parents: store.record_task(
+                flow, run_id, t.step, t.task_id, foreach_index=t.index, parents=p
+            ),
+        )
+
+
+def record_clone(recorder: Recorder, flow: str, run_id: str, task: sch.Task, origin_pathspec: str) -> None:
+    """A task a resume cloned, with the origin task it came from."""
+    store = recorder.store
+    attempt = task.attempts[-1]
+    origin = origin_pathspec.rsplit("/", 1)[0]
+    record = AttemptRecord(
+        attempt=0,
+        status="ok",
+        started_at=attempt.started_at,
+        finished_at=attempt.finished_at,
+        exit_code=0,
+        handle=attempt.handle,
+    )
+
+    async def write() -> None:
+        await store.record_task(
+            flow,
+            run_id,
+            task.step,
+            task.task_id,
+            foreach_index=task.index,
+            parents=[f"{s}/{t}" for s, t in task.parents],
+            origin=origin,
+        )
+        await store.record_attempt(flow, run_id, task.step, task.task_id, record)
+
+    recorder.record(f"clone {flow}/{run_id}/{task.key}", write)
+
+
+def record_attempt(
+    recorder: Recorder, flow: str, run_id: str, task: sch.Task, attempt: sch.Attempt, done: dict[str, Any] | None = None
+) -> None:
+    """An attempt's start or end; at a successful end, its artifact index too."""
+    store = recorder.store
+    record = AttemptRecord(
+        attempt=attempt.number,
+        status=attempt.status,
+        started_at=attempt.started_at,
+        finished_at=attempt.finished_at,
+        exit_code=attempt.exit_code,
+        message=attempt.message,
+        handle=attempt.handle,
+    )
+    artifacts = [
+        ArtifactRecord(name=name, sha=ref["sha"], size=int(ref.get("size", 0)), type_name=str(ref.get("type_name", "")))
+        for name, ref in sorted(((done or {}).get("artifacts") or {}).items())
+    ]
+
+    async def write() -> None:
+        await store.record_attempt(flow, run_id, task.step, task.task_id, record)
+        if artifacts and attempt.status == sch.OK:
+            await store.record_artifacts(flow, run_id, task.step, task.task_id, attempt.number, artifacts)
+
+    recorder.record(f"attempt {flow}/{run_id}/{task.key}/{attempt.number}", write)

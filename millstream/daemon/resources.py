@@ -39,8 +39,11 @@ class ResourcePool:
             )
 
     def _fits(self, cpu: float, memory_mb: int) -> bool:
-        return (self.used_slots < self.slots and self.used_cpus + cpu <= self.cpus + 1e-9
-                and self.used_memory_mb + memory_mb <= self.memory_mb)
+        return (
+            self.used_slots < self.slots
+            and self.used_cpus + cpu <= self.cpus + 1e-9
+            and self.used_memory_mb + memory_mb <= self.memory_mb
+        )
 
     async def acquire(self, cpu: float, memory_mb: int) -> None:
         """Wait until the demand fits, then take it."""

@@ -28,8 +28,14 @@ from millstream.errors import SchedulerError
 
 
 def _shape(node: dict[str, Any]) -> tuple[Any, ...]:
-    return (node["type"], tuple(node["out"]), node.get("foreach_var"), node.get("condition"),
-            tuple(sorted((node.get("cases") or {}).items())), bool(node.get("is_join")))
+    return (
+        node["type"],
+        tuple(node["out"]),
+        node.get("foreach_var"),
+        node.get("condition"),
+        tuple(sorted((node.get("cases") or {}).items())),
+        bool(node.get("is_join")),
+    )
 
 
 def _descendants(graph: dict[str, Any], step: str) -> set[str]:
@@ -44,13 +50,18 @@ def _descendants(graph: dict[str, Any], step: str) -> set[str]:
     return seen
 
 
-def plan_resume(origin_graph: dict[str, Any], origin_state: dict[str, Any], new_graph: dict[str, Any], *,
-                origin_run_id: str, step: str | None) -> dict[str, Any]:
+def plan_resume(
+    origin_graph: dict[str, Any],
+    origin_state: dict[str, Any],
+    new_graph: dict[str, Any],
+    *,
+    origin_run_id: str,
+    step: str | None,
+) -> dict[str, Any]:
     """The plan stored in the new run's state; raises SchedulerError with the reason."""
     steps = new_graph["steps"]
     if step is not None and step not in steps:
-        raise SchedulerError(f"cannot resume from step {step!r}: the flow has no such step "
-                             f"(steps: {', '.join(steps)})")
+        raise SchedulerError(f"cannot resume from step {step!r}: the flow has no such step (steps: {', '.join(steps)})")
     rerun = _descendants(new_graph, step) if step else set()
     tasks: dict[str, Any] = {}
     for key, task in origin_state.get("tasks", {}).items():
@@ -61,10 +72,12 @@ def plan_resume(origin_graph: dict[str, Any], origin_state: dict[str, Any], new_
             continue
         # A task the origin itself cloned points at the run that really ran it.
         handle = ok[0].get("handle") or {}
-        run_id, attempt = (handle["origin_run_id"], handle["origin_attempt"]) if handle.get("cloned_from") \
+        run_id, attempt = (
+            (handle["origin_run_id"], handle["origin_attempt"])
+            if handle.get("cloned_from")
             else (origin_run_id, ok[0]["number"])
-        tasks[key] = {"run_id": run_id, "attempt": attempt, "outcome": task.get("outcome"),
-                      "parents": task["parents"]}
+        )
+        tasks[key] = {"run_id": run_id, "attempt": attempt, "outcome": task.get("outcome"), "parents": task["parents"]}
     cloned_steps = {t.split("/", 1)[0] for t in tasks}
     changed = []
     for name in sorted(cloned_steps):
@@ -110,16 +123,16 @@ def clone_ref(state: sch.RunState, task: sch.Task) -> tuple[str, int] | None:
     return str(handle["origin_run_id"]), int(handle["origin_attempt"])
 
 
-def task_cloned(graph: dict[str, Any], state: sch.RunState, key: str, origin_attempt: int,
-                now: float) -> sch.Decisions:
+def task_cloned(graph: dict[str, Any], state: sch.RunState, key: str, origin_attempt: int, now: float) -> sch.Decisions:
     """Record a task as cloned and create what follows it."""
     task = state.tasks[key]
     plan = state.origin or {}
     origin = plan["tasks"][key]
     pathspec = f"{state.flow}/{origin['run_id']}/{task.step}/{task.task_id}/{origin_attempt}"
     handle = {"cloned_from": pathspec, "origin_run_id": origin["run_id"], "origin_attempt": origin_attempt}
-    task.attempts.append(sch.Attempt(number=0, status=sch.OK, handle=handle,
-                                     started_at=now, finished_at=now, exit_code=0))
+    task.attempts.append(
+        sch.Attempt(number=0, status=sch.OK, handle=handle, started_at=now, finished_at=now, exit_code=0)
+    )
     task.status = sch.OK
     task.outcome = origin["outcome"]
     return sch.expand(graph, state, task)

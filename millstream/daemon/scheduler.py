@@ -104,10 +104,17 @@ class RunState:
             d = dict(t.__dict__)
             d["attempts"] = [dict(a.__dict__) for a in t.attempts]
             tasks[key] = d
-        return {"version": CHECKPOINT_VERSION, "flow": self.flow, "run_id": self.run_id,
-                "max_num_splits": self.max_num_splits, "status": self.status, "message": self.message,
-                "tasks": tasks, "arrivals": {k: dict(v) for k, v in self.arrivals.items()},
-                "origin": self.origin}
+        return {
+            "version": CHECKPOINT_VERSION,
+            "flow": self.flow,
+            "run_id": self.run_id,
+            "max_num_splits": self.max_num_splits,
+            "status": self.status,
+            "message": self.message,
+            "tasks": tasks,
+            "arrivals": {k: dict(v) for k, v in self.arrivals.items()},
+            "origin": self.origin,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
@@ -217,9 +224,17 @@ def _fail_run(state: RunState, message: str, decisions: Decisions) -> None:
     decisions.cancel.extend(_running(state))
 
 
-def attempt_finished(graph: dict[str, Any], state: RunState, key: str, number: int, *,
-                     exit_code: int, done: dict[str, Any] | None, now: float,
-                     message: str | None = None) -> Decisions:
+def attempt_finished(
+    graph: dict[str, Any],
+    state: RunState,
+    key: str,
+    number: int,
+    *,
+    exit_code: int,
+    done: dict[str, Any] | None,
+    now: float,
+    message: str | None = None,
+) -> Decisions:
     """Feed back an attempt's end: its exit code and its done marker (None if absent)."""
     decisions = Decisions()
     task = state.tasks[key]
@@ -283,13 +298,25 @@ def expand(graph: dict[str, Any], state: RunState, task: Task) -> Decisions:
     return settle(state, decisions)
 
 
-def _add_task(state: RunState, step: str, index: list[int], parents: list[list[str]],
-              split_index: int | None, decisions: Decisions) -> Task:
+def _add_task(
+    state: RunState,
+    step: str,
+    index: list[int],
+    parents: list[list[str]],
+    split_index: int | None,
+    decisions: Decisions,
+) -> Task:
     visit = 0
     while task_key(step, make_task_id(index, visit)) in state.tasks:
         visit += 1
-    task = Task(step=step, task_id=make_task_id(index, visit), index=list(index), visit=visit,
-                parents=parents, split_index=split_index)
+    task = Task(
+        step=step,
+        task_id=make_task_id(index, visit),
+        index=list(index),
+        visit=visit,
+        parents=parents,
+        split_index=split_index,
+    )
     state.tasks[task.key] = task
     decisions.new_tasks.append(task.key)
     return task
@@ -318,15 +345,18 @@ def _expand(graph: dict[str, Any], state: RunState, task: Task, decisions: Decis
         elif node["type"] == "foreach":
             n = int(outcome["foreach"]["num_splits"])
             if n > state.max_num_splits:
-                _fail_run(state, f"foreach in step {task.step} has {n} splits, more than --max-num-splits "
-                                 f"{state.max_num_splits}; raise --max-num-splits or split the work", decisions)
+                _fail_run(
+                    state,
+                    f"foreach in step {task.step} has {n} splits, more than --max-num-splits "
+                    f"{state.max_num_splits}; raise --max-num-splits or split the work",
+                    decisions,
+                )
                 return
             if n == 0:
-                _fail_run(state, f"foreach in step {task.step} over self.{node['foreach_var']} has no items",
-                          decisions)
+                _fail_run(state, f"foreach in step {task.step} over self.{node['foreach_var']} has no items", decisions)
                 return
             for i in range(n):
-                _add_task(state, target, task.index + [i], [me], i, decisions)
+                _add_task(state, target, [*task.index, i], [me], i, decisions)
         else:
             _add_task(state, target, task.index, [me], None, decisions)
 

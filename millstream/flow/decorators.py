@@ -69,8 +69,7 @@ class Decorator:
         return f"@{self.name}({args})"
 
 
-def _non_negative_number(deco: Decorator, *keys: str, integer: bool = False,
-                         optional: bool = True) -> None:
+def _non_negative_number(deco: Decorator, *keys: str, integer: bool = False, optional: bool = True) -> None:
     for key in keys:
         value = deco.attributes[key]
         if value is None and optional:
@@ -187,9 +186,7 @@ class EnvironmentDecorator(StepDecorator):
 
     def validate(self) -> None:
         env = self.attributes["vars"]
-        if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
+        if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("@environment(vars=...) must be a dict of str to str")
         self.attributes["vars"] = dict(env)
 
@@ -280,8 +277,15 @@ class ProjectDecorator(FlowDecorator):
 
 STEP_DECORATORS: dict[str, type[StepDecorator]] = {
     cls.name: cls
-    for cls in (RetryDecorator, CatchDecorator, TimeoutDecorator, ResourcesDecorator,
-                BatchDecorator, EnvironmentDecorator, CardDecorator)
+    for cls in (
+        RetryDecorator,
+        CatchDecorator,
+        TimeoutDecorator,
+        ResourcesDecorator,
+        BatchDecorator,
+        EnvironmentDecorator,
+        CardDecorator,
+    )
 }
 FLOW_DECORATORS: dict[str, type[FlowDecorator]] = {
     cls.name: cls for cls in (ScheduleDecorator, TriggerOnFinishDecorator, ProjectDecorator)
@@ -307,7 +311,9 @@ def _step_decorator(cls: type[StepDecorator]) -> Callable[..., Any]:
             if any(d.name == cls.name for d in existing):
                 file, line = _where(f)
                 raise FlowValidationError(
-                    f"step {f.__name__!r} has @{cls.name} twice", file=file, line=line,
+                    f"step {f.__name__!r} has @{cls.name} twice",
+                    file=file,
+                    line=line,
                     fix=f"keep one @{cls.name}",
                 )
             existing.append(deco)
@@ -335,8 +341,9 @@ def _flow_decorator(cls: type[FlowDecorator]) -> Callable[..., Any]:
             decos = dict(c.__dict__.get("_flow_decorators", {}))
             if cls.name in decos:
                 file, line = _where(c)
-                raise FlowValidationError(f"flow has @{cls.name} twice", file=file, line=line,
-                                          fix=f"keep one @{cls.name}")
+                raise FlowValidationError(
+                    f"flow has @{cls.name} twice", file=file, line=line, fix=f"keep one @{cls.name}"
+                )
             decos[cls.name] = deco
             c._flow_decorators = decos
             return c
@@ -378,9 +385,7 @@ def parse_with_spec(spec: str) -> StepDecorator:
     name, _, rest = spec.partition(":")
     cls = STEP_DECORATORS.get(name.strip())
     if cls is None:
-        raise ValueError(
-            f"--with {spec!r}: unknown decorator {name!r}; known: {', '.join(sorted(STEP_DECORATORS))}"
-        )
+        raise ValueError(f"--with {spec!r}: unknown decorator {name!r}; known: {', '.join(sorted(STEP_DECORATORS))}")
     attributes: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in rest.split(","))):
         key, sep, value = part.partition("=")

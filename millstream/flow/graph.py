@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 
 # Names a step or an artifact may not take: FlowSpec's own members.
 RESERVED_NAMES = frozenset(
-    {"next", "input", "index", "foreach_stack", "merge_artifacts", "name", "inputs", "cmd",
-     "script_name"}
+    {"next", "input", "index", "foreach_stack", "merge_artifacts", "name", "inputs", "cmd", "script_name"}
 )
 
 
@@ -98,8 +97,7 @@ def _is_self_attr(node: ast.AST) -> str | None:
 
 
 def _is_next_call(node: ast.AST) -> bool:
-    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-            and _is_self_attr(node.value.func) == "next")
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and _is_self_attr(node.value.func) == "next"
 
 
 def _class_parameters(cls_node: ast.ClassDef, klass: type) -> set[str]:
@@ -157,8 +155,7 @@ class FlowGraph:
                 lines, start = inspect.getsourcelines(klass)
                 file = inspect.getsourcefile(klass) or self.file
             except (OSError, TypeError):
-                self._problem(f"cannot read the source of class {klass.__name__}",
-                              fix="define flows in a .py file")
+                self._problem(f"cannot read the source of class {klass.__name__}", fix="define flows in a .py file")
                 continue
             tree = ast.parse(textwrap.dedent("".join(lines)))
             cls_node = next(n for n in tree.body if isinstance(n, ast.ClassDef))
@@ -172,8 +169,9 @@ class FlowGraph:
                     getattr(d, "id", getattr(d, "attr", None)) == "step" for d in item.decorator_list
                 ):
                     # The later of the two class attributes silently replaces the other.
-                    self._problem(f"parameter {item.name!r} has the name of a step", line,
-                                  fix="rename the parameter or the step")
+                    self._problem(
+                        f"parameter {item.name!r} has the name of a step", line, fix="rename the parameter or the step"
+                    )
                 func = klass.__dict__.get(item.name)
                 if not getattr(func, "is_step", False):
                     if item.name in seen and item.name in self.nodes:
@@ -182,21 +180,33 @@ class FlowGraph:
                 if item.name in seen:
                     self._problem(
                         f"step {item.name!r} is defined twice (lines {seen[item.name]} and {line})",
-                        line, fix="rename or remove one of them",
+                        line,
+                        fix="rename or remove one of them",
                     )
                 seen[item.name] = line
                 self.nodes[item.name] = self._parse_step(item, func, file, line, start)
 
-    def _parse_step(self, item: ast.FunctionDef | ast.AsyncFunctionDef, func: Any, file: str,
-                    line: int, start: int) -> Node:
-        node = Node(name=item.name, file=file, line=line, num_args=len(item.args.args),
-                    doc=inspect.getdoc(func) or "", decorators=list(getattr(func, "decorators", [])))
+    def _parse_step(
+        self, item: ast.FunctionDef | ast.AsyncFunctionDef, func: Any, file: str, line: int, start: int
+    ) -> Node:
+        node = Node(
+            name=item.name,
+            file=file,
+            line=line,
+            num_args=len(item.args.args),
+            doc=inspect.getdoc(func) or "",
+            decorators=list(getattr(func, "decorators", [])),
+        )
         if isinstance(item, ast.AsyncFunctionDef):
-            self._problem(f"step {item.name!r} is async; steps are plain functions", line,
-                          fix=f"def {item.name}(self): ...")
+            self._problem(
+                f"step {item.name!r} is async; steps are plain functions", line, fix=f"def {item.name}(self): ..."
+            )
         if node.num_args > 2 or item.args.vararg or item.args.kwonlyargs:
-            self._problem(f"step {item.name!r} takes too many arguments", line,
-                          fix=f"def {item.name}(self) or, for a join, def {item.name}(self, inputs)")
+            self._problem(
+                f"step {item.name!r} takes too many arguments",
+                line,
+                fix=f"def {item.name}(self) or, for a join, def {item.name}(self, inputs)",
+            )
         for sub in ast.walk(item):
             targets: list[ast.AST] = []
             if isinstance(sub, ast.Assign):
@@ -214,16 +224,25 @@ class FlowGraph:
         if item.name == "end":
             node.type = "end"
             if calls:
-                self._problem("step 'end' must not call self.next", calls[0].lineno + start - 1,
-                              fix="remove the self.next call: end is the last step")
+                self._problem(
+                    "step 'end' must not call self.next",
+                    calls[0].lineno + start - 1,
+                    fix="remove the self.next call: end is the last step",
+                )
             return node
         if not _is_next_call(tail):
             if calls:
-                self._problem(f"self.next must be the last statement of step {item.name!r}",
-                              calls[0].lineno + start - 1, fix="move self.next(...) to the end of the step")
+                self._problem(
+                    f"self.next must be the last statement of step {item.name!r}",
+                    calls[0].lineno + start - 1,
+                    fix="move self.next(...) to the end of the step",
+                )
             else:
-                self._problem(f"step {item.name!r} does not end with self.next(...)", line,
-                              fix="end the step with self.next(self.<following step>)")
+                self._problem(
+                    f"step {item.name!r} does not end with self.next(...)",
+                    line,
+                    fix="end the step with self.next(self.<following step>)",
+                )
             return node
         node.has_next = True
         call = tail.value  # type: ignore[attr-defined]
@@ -234,46 +253,67 @@ class FlowGraph:
         keywords = {}
         for kw in call.keywords:
             if kw.arg not in ("foreach", "condition"):
-                self._problem(f"self.next in step {node.name!r} takes unknown keyword {kw.arg!r}", line,
-                              fix="use foreach='attr' or condition='attr'")
+                self._problem(
+                    f"self.next in step {node.name!r} takes unknown keyword {kw.arg!r}",
+                    line,
+                    fix="use foreach='attr' or condition='attr'",
+                )
                 return
             if not (isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)):
-                self._problem(f"self.next({kw.arg}=...) in step {node.name!r} must be a string literal",
-                              line, fix=f"self.next(..., {kw.arg}='attribute_name')")
+                self._problem(
+                    f"self.next({kw.arg}=...) in step {node.name!r} must be a string literal",
+                    line,
+                    fix=f"self.next(..., {kw.arg}='attribute_name')",
+                )
                 return
             keywords[kw.arg] = kw.value.value
         if len(call.args) == 1 and isinstance(call.args[0], ast.Dict):
             if "condition" not in keywords:
-                self._problem(f"switch in step {node.name!r} needs condition='attr'", line,
-                              fix="self.next({'a': self.a, 'b': self.b}, condition='choice')")
+                self._problem(
+                    f"switch in step {node.name!r} needs condition='attr'",
+                    line,
+                    fix="self.next({'a': self.a, 'b': self.b}, condition='choice')",
+                )
                 return
             cases: dict[str, str] = {}
-            for key, value in zip(call.args[0].keys, call.args[0].values):
+            for key, value in zip(call.args[0].keys, call.args[0].values, strict=False):
                 target = _is_self_attr(value)
                 if not (isinstance(key, ast.Constant) and isinstance(key.value, (str, int, bool))) or not target:
-                    self._problem(f"switch cases in step {node.name!r} must map literals to self.<step>",
-                                  line, fix="self.next({'a': self.a, 'b': self.b}, condition='choice')")
+                    self._problem(
+                        f"switch cases in step {node.name!r} must map literals to self.<step>",
+                        line,
+                        fix="self.next({'a': self.a, 'b': self.b}, condition='choice')",
+                    )
                     return
                 cases[str(key.value)] = target
             node.type, node.cases, node.condition = "split-switch", cases, keywords["condition"]
             node.out = list(dict.fromkeys(cases.values()))
             return
         if "condition" in keywords:
-            self._problem(f"condition= in step {node.name!r} needs a dict of branches", line,
-                          fix="self.next({'a': self.a, 'b': self.b}, condition='choice')")
+            self._problem(
+                f"condition= in step {node.name!r} needs a dict of branches",
+                line,
+                fix="self.next({'a': self.a, 'b': self.b}, condition='choice')",
+            )
             return
         targets = [_is_self_attr(a) for a in call.args]
         if not targets or any(t is None for t in targets):
-            self._problem(f"self.next in step {node.name!r} must name steps as self.<step>", line,
-                          fix="self.next(self.a) or self.next(self.a, self.b)")
+            self._problem(
+                f"self.next in step {node.name!r} must name steps as self.<step>",
+                line,
+                fix="self.next(self.a) or self.next(self.a, self.b)",
+            )
             return
         node.out = [t for t in targets if t]
         if len(set(node.out)) != len(node.out):
             self._problem(f"step {node.name!r} names the same step twice in self.next", line)
         if "foreach" in keywords:
             if len(node.out) != 1:
-                self._problem(f"a foreach in step {node.name!r} must go to exactly one step", line,
-                              fix=f"self.next(self.body, foreach={keywords['foreach']!r})")
+                self._problem(
+                    f"a foreach in step {node.name!r} must go to exactly one step",
+                    line,
+                    fix=f"self.next(self.body, foreach={keywords['foreach']!r})",
+                )
                 return
             node.type, node.foreach_var = "foreach", keywords["foreach"]
         elif len(node.out) > 1:
@@ -304,8 +344,11 @@ class FlowGraph:
                 self._problem(f"step name {node.name!r} is reserved", node.line, fix="rename the step")
             for target in node.out:
                 if target not in self.nodes:
-                    self._problem(f"step {node.name!r} goes to unknown step {target!r}", node.tail_line,
-                                  fix=f"define @step def {target}(self) or fix the name")
+                    self._problem(
+                        f"step {node.name!r} goes to unknown step {target!r}",
+                        node.tail_line,
+                        fix=f"define @step def {target}(self) or fix the name",
+                    )
             if node.name == "start" and node.is_join:
                 self._problem("step 'start' cannot take inputs", node.line, fix="def start(self): ...")
         self._check_parameters()
@@ -324,22 +367,32 @@ class FlowGraph:
             by_cli[param.name] = param
             for name in {param.attr_name, param.name}:
                 if name in self.nodes:
-                    self._problem(f"parameter {name!r} has the name of a step", self.nodes[name].line,
-                                  fix="rename the parameter or the step")
+                    self._problem(
+                        f"parameter {name!r} has the name of a step",
+                        self.nodes[name].line,
+                        fix="rename the parameter or the step",
+                    )
                 for step, line in self._assignments.get(name, []):
-                    self._problem(f"step {step!r} assigns self.{name}, which is a parameter", line,
-                                  fix=f"parameters are read-only: store the value under another name")
+                    self._problem(
+                        f"step {step!r} assigns self.{name}, which is a parameter",
+                        line,
+                        fix="parameters are read-only: store the value under another name",
+                    )
 
     def _check_artifact_names(self) -> None:
         for name, places in self._assignments.items():
             if name in RESERVED_NAMES:
                 step, line = places[0]
-                self._problem(f"step {step!r} assigns self.{name}, a reserved name", line,
-                              fix="use another artifact name")
+                self._problem(
+                    f"step {step!r} assigns self.{name}, a reserved name", line, fix="use another artifact name"
+                )
             elif name in self.nodes:
                 step, line = places[0]
-                self._problem(f"step {step!r} assigns self.{name}, which is the name of a step", line,
-                              fix="use another artifact name")
+                self._problem(
+                    f"step {step!r} assigns self.{name}, which is the name of a step",
+                    line,
+                    fix="use another artifact name",
+                )
 
     def _check_reachable(self) -> None:
         seen = set()
@@ -352,8 +405,11 @@ class FlowGraph:
             todo.extend(self.nodes[name].out)
         for node in self.nodes.values():
             if node.name not in seen:
-                self._problem(f"step {node.name!r} cannot be reached from start", node.line,
-                              fix=f"call self.next(self.{node.name}) from another step, or remove it")
+                self._problem(
+                    f"step {node.name!r} cannot be reached from start",
+                    node.line,
+                    fix=f"call self.next(self.{node.name}) from another step, or remove it",
+                )
         if "end" in self.nodes and "end" not in seen:
             pass
 
@@ -369,9 +425,12 @@ class FlowGraph:
             if node.type != "split-switch":
                 for target in node.out:
                     if state.get(target) == 1:
-                        cycle = path[path.index(target):] + [target]
-                        self._problem(f"steps form a cycle: {' -> '.join(cycle)}", node.tail_line,
-                                      fix="a loop must go through a switch (self.next({...}, condition=...))")
+                        cycle = [*path[path.index(target):], target]
+                        self._problem(
+                            f"steps form a cycle: {' -> '.join(cycle)}",
+                            node.tail_line,
+                            fix="a loop must go through a switch (self.next({...}, condition=...))",
+                        )
                         return False
                     if target not in state and not visit(target):
                         return False
@@ -400,8 +459,11 @@ class FlowGraph:
                 arrivals.setdefault(name, []).append((parent, stack))
             if node.is_join:
                 if not stack:
-                    self._problem(f"step {name!r} takes inputs but no split precedes it", node.line,
-                                  fix=f"def {name}(self) without inputs, or split before it")
+                    self._problem(
+                        f"step {name!r} takes inputs but no split precedes it",
+                        node.line,
+                        fix=f"def {name}(self) without inputs, or split before it",
+                    )
                     return
                 kind, split, _ = stack[-1]
                 if node.closes is None:
@@ -409,7 +471,8 @@ class FlowGraph:
                 elif node.closes != split:
                     self._problem(
                         f"join step {name!r} has inputs from different splits ({node.closes!r} and {split!r})",
-                        node.line, fix="join the branches of one split in each join step",
+                        node.line,
+                        fix="join the branches of one split in each join step",
                     )
                     return
                 own = stack[:-1]
@@ -420,8 +483,11 @@ class FlowGraph:
                     if not node.is_join:
                         self._not_a_join(node, arrivals[name])
                     else:
-                        self._problem(f"join step {name!r} has inputs from different splits", node.line,
-                                      fix="join the branches of one split in each join step")
+                        self._problem(
+                            f"join step {name!r} has inputs from different splits",
+                            node.line,
+                            fix="join the branches of one split in each join step",
+                        )
                     return
                 continue
             done.add(name)
@@ -436,9 +502,9 @@ class FlowGraph:
                 return
             for target in node.out:
                 if node.type == "split":
-                    child_stack = own + [("split", name, target)]
+                    child_stack = [*own, ("split", name, target)]
                 elif node.type == "foreach":
-                    child_stack = own + [("foreach", name, None)]
+                    child_stack = [*own, ("foreach", name, None)]
                 else:
                     child_stack = own
                 order.append((target, name, child_stack))
@@ -448,7 +514,8 @@ class FlowGraph:
         parents = sorted({p for p, _ in arrivals})
         self._problem(
             f"step {node.name!r} has inputs from the branches {', '.join(parents)}, so it must be a join",
-            node.line, fix=f"def {node.name}(self, inputs): ...",
+            node.line,
+            fix=f"def {node.name}(self, inputs): ...",
         )
 
     def _check_joins(self, arrivals: dict[str, list[tuple[str, list[Any]]]]) -> None:
@@ -456,8 +523,11 @@ class FlowGraph:
             if not node.is_join:
                 # A switch case looping back to this step (recursion) is not a second branch.
                 looped = self._descendants(node.name)
-                parents = {p for p, _ in arrivals.get(node.name, [])
-                           if not (self.nodes[p].type == "split-switch" and p in looped)}
+                parents = {
+                    p
+                    for p, _ in arrivals.get(node.name, [])
+                    if not (self.nodes[p].type == "split-switch" and p in looped)
+                }
                 if len(parents) > 1 and not self._switch_merge(node, parents):
                     self._not_a_join(node, arrivals[node.name])
                 continue
@@ -470,7 +540,8 @@ class FlowGraph:
                 if missing:
                     self._problem(
                         f"join step {node.name!r} does not join the branch(es) {', '.join(missing)} "
-                        f"of the split in {split.name!r}", node.line,
+                        f"of the split in {split.name!r}",
+                        node.line,
                         fix="let every branch of the split lead to this join",
                     )
 
@@ -562,7 +633,7 @@ def to_mermaid(graph: dict[str, Any]) -> str:
     """The graph as a Mermaid flowchart."""
     lines = ["flowchart TD"]
     for name, data in graph["steps"].items():
-        lines.append(f"  n_{name}[\"{name} ({data['type']})\"]")
+        lines.append(f'  n_{name}["{name} ({data["type"]})"]')
         for target in data["out"]:
             label = ""
             if data["foreach_var"]:

@@ -21,10 +21,30 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # Names the run command takes for itself; a parameter may not shadow them.
 RESERVED_PARAMETER_NAMES = frozenset(
     {
-        "params", "with", "tag", "tags", "namespace", "obj", "decospecs", "run-id-file",
-        "run_id_file", "max-num-splits", "max_num_splits", "max-workers", "max_workers",
-        "max-log-size", "user-namespace", "run-id", "run_id", "origin-run-id", "help",
-        "quiet", "datastore", "metadata", "environment", "wait",
+        "params",
+        "with",
+        "tag",
+        "tags",
+        "namespace",
+        "obj",
+        "decospecs",
+        "run-id-file",
+        "run_id_file",
+        "max-num-splits",
+        "max_num_splits",
+        "max-workers",
+        "max_workers",
+        "max-log-size",
+        "user-namespace",
+        "run-id",
+        "run_id",
+        "origin-run-id",
+        "help",
+        "quiet",
+        "datastore",
+        "metadata",
+        "environment",
+        "wait",
     }
 )
 
@@ -86,8 +106,7 @@ class Parameter:
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ParameterError(
-                f"Parameter name {name!r} is invalid: use letters, digits, '_' and '-', "
-                "starting with a letter"
+                f"Parameter name {name!r} is invalid: use letters, digits, '_' and '-', starting with a letter"
             )
         if name.lower() in RESERVED_PARAMETER_NAMES:
             raise ParameterError(f"Parameter name {name!r} is reserved by the run command")

@@ -120,8 +120,9 @@ class FlowSpec:
         return type(self).__name__
 
     # ----------------------------------------------------------------- transitions
-    def next(self, *steps: Any, foreach: str | None = None, condition: str | None = None,
-             num_parallel: int | None = None) -> None:
+    def next(
+        self, *steps: Any, foreach: str | None = None, condition: str | None = None, num_parallel: int | None = None
+    ) -> None:
         """Name the step(s) that follow this one; must be the step's last statement."""
         if self._ms_transition is not None:
             raise FlowError(f"step {self._ms_step_name!r} called self.next more than once")
@@ -152,8 +153,9 @@ class FlowSpec:
         return str(func.__name__)
 
     # ----------------------------------------------------------------- joins
-    def merge_artifacts(self, inputs: Inputs, exclude: list[str] | None = None,
-                        include: list[str] | None = None) -> None:
+    def merge_artifacts(
+        self, inputs: Inputs, exclude: list[str] | None = None, include: list[str] | None = None
+    ) -> None:
         """Carry artifacts of the inputs into this join, as Metaflow does.
 
         An artifact already set in this step is left alone; one whose value is the
@@ -216,4 +218,3 @@ class Inputs:
         if name in by_step:
             return by_step[name]
         raise AttributeError(f"no input from a step named {name!r}; inputs come from {sorted(by_step)}")
-

@@ -144,8 +144,10 @@ class TaskRunner:
 
     def _parent_done(self) -> list[dict[str, Any]]:
         async def read_all() -> list[dict[str, Any]]:
-            keys = [AttemptKey(self.spec.flow, p.run_id or self.spec.run_id, p.step, p.task, p.attempt)
-                    for p in self.spec.parents]
+            keys = [
+                AttemptKey(self.spec.flow, p.run_id or self.spec.run_id, p.step, p.task, p.attempt)
+                for p in self.spec.parents
+            ]
             records = await asyncio.gather(*(read_done(self.store, k) for k in keys))
             for key, rec in zip(keys, records, strict=True):
                 if rec is None or rec.get("status") != "ok":
@@ -196,8 +198,14 @@ class TaskRunner:
             foreach = parents[0].get("foreach")
             if not foreach:
                 raise DatastoreError(f"parent of {self.spec.pathspec} recorded no foreach")
-            stack.append({"step": self.spec.parents[0].step, "index": self.spec.split_index,
-                          "num_splits": foreach["num_splits"], "values": foreach["values"]})
+            stack.append(
+                {
+                    "step": self.spec.parents[0].step,
+                    "index": self.spec.split_index,
+                    "num_splits": foreach["num_splits"],
+                    "values": foreach["values"],
+                }
+            )
         flow._ms_foreach = self._frames(stack)
         return flow, None, stack
 
@@ -205,10 +213,19 @@ class TaskRunner:
     def _set_current(self) -> None:
         s = self.spec
         current._set(
-            flow_name=s.flow, run_id=s.run_id, step_name=s.step, task_id=s.task_id,
-            retry_count=s.attempt, origin_run_id=s.origin_run_id, pathspec=s.pathspec,
-            username=s.username, tags=list(s.tags), parameter_names=list(s.params),
-            is_production=s.is_production, namespace=f"user:{s.username}", trigger=None,
+            flow_name=s.flow,
+            run_id=s.run_id,
+            step_name=s.step,
+            task_id=s.task_id,
+            retry_count=s.attempt,
+            origin_run_id=s.origin_run_id,
+            pathspec=s.pathspec,
+            username=s.username,
+            tags=list(s.tags),
+            parameter_names=list(s.params),
+            is_production=s.is_production,
+            namespace=f"user:{s.username}",
+            trigger=None,
         )
 
     def _run_body(self, flow: FlowSpec, inputs: Inputs | None) -> None:
@@ -286,10 +303,18 @@ class TaskRunner:
         started = time.time()
         pid = os.getpid()
         try:
-            self.io.run(write_started(self.store, self.key, {
-                "pid": pid, "proc_start": _proc_start_time(pid), "started_at": started,
-                "host": os.uname().nodename,
-            }))
+            self.io.run(
+                write_started(
+                    self.store,
+                    self.key,
+                    {
+                        "pid": pid,
+                        "proc_start": _proc_start_time(pid),
+                        "started_at": started,
+                        "host": os.uname().nodename,
+                    },
+                )
+            )
             flow, inputs, stack = self._prepare()
         except Exception as exc:
             traceback.print_exc()
@@ -345,9 +370,15 @@ class TaskRunner:
 
     def _finish_failed(self, exc: BaseException, started: float, code: int) -> int:
         done = {
-            "status": "failed", "started_at": started, "finished_at": time.time(), "exit_code": code,
-            "exception": {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-                          "traceback": "".join(traceback.format_exception(exc))},
+            "status": "failed",
+            "started_at": started,
+            "finished_at": time.time(),
+            "exit_code": code,
+            "exception": {
+                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "message": str(exc),
+                "traceback": "".join(traceback.format_exception(exc)),
+            },
         }
         try:
             self.io.run(write_done(self.store, self.key, done))

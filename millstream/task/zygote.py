@@ -25,6 +25,7 @@ interpreters instead (``python -m millstream.task``), as it does when
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -101,10 +102,8 @@ def main() -> int:
     while open_input or children:
         for key, _ in sel.select(timeout=1.0):
             if key.data == "signal":
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 4096)
-                except BlockingIOError:
-                    pass
                 continue
             chunk = os.read(stdin.fileno(), 65536)
             if not chunk:
@@ -143,10 +142,8 @@ def main() -> int:
                 break
             ident = children.pop(pid, None)
             if ident is not None:
-                try:
+                with contextlib.suppress(BrokenPipeError, ValueError):
                     _emit(out, {"id": ident, "pid": pid, "exit": os.waitstatus_to_exitcode(status)})
-                except (BrokenPipeError, ValueError):
-                    pass
         if not open_input:
             # The daemon is gone: leave the running children to themselves.
             return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 
@@ -16,12 +17,31 @@ GOOD_SHA = "0" * 64
 def _submission(**overrides: object) -> dict[str, object]:
     body: dict[str, object] = {
         "flow": "HelloFlow",
-        "graph": {"flow": "HelloFlow", "steps": {
-            "start": {"type": "start", "out": ["end"], "is_join": False, "decorators": [], "split_stack": [],
-                      "foreach_stack": []},
-            "end": {"type": "end", "out": [], "is_join": False, "decorators": [], "split_stack": [],
-                    "foreach_stack": []}}},
-        "package": GOOD_SHA, "module_file": "hello.py", "class_name": "HelloFlow", "params": {},
+        "graph": {
+            "flow": "HelloFlow",
+            "steps": {
+                "start": {
+                    "type": "start",
+                    "out": ["end"],
+                    "is_join": False,
+                    "decorators": [],
+                    "split_stack": [],
+                    "foreach_stack": [],
+                },
+                "end": {
+                    "type": "end",
+                    "out": [],
+                    "is_join": False,
+                    "decorators": [],
+                    "split_stack": [],
+                    "foreach_stack": [],
+                },
+            },
+        },
+        "package": GOOD_SHA,
+        "module_file": "hello.py",
+        "class_name": "HelloFlow",
+        "params": {},
     }
     body.update(overrides)
     return body
@@ -33,12 +53,31 @@ BAD_SUBMISSIONS = {
     "flow with a slash": {"flow": "../etc"},
     "graph not an object": {"graph": []},
     "graph without end": {"graph": {"steps": {"start": {"type": "start", "out": []}}}},
-    "step with a bad type": {"graph": {"steps": {"start": {"type": "warp", "out": []}, "end": {"type": "end", "out": []}}}},
-    "transition to nowhere": {"graph": {"steps": {
-        "start": {"type": "start", "out": ["nowhere"], "is_join": False, "decorators": [], "split_stack": [],
-                  "foreach_stack": []},
-        "end": {"type": "end", "out": [], "is_join": False, "decorators": [], "split_stack": [],
-                "foreach_stack": []}}}},
+    "step with a bad type": {
+        "graph": {"steps": {"start": {"type": "warp", "out": []}, "end": {"type": "end", "out": []}}}
+    },
+    "transition to nowhere": {
+        "graph": {
+            "steps": {
+                "start": {
+                    "type": "start",
+                    "out": ["nowhere"],
+                    "is_join": False,
+                    "decorators": [],
+                    "split_stack": [],
+                    "foreach_stack": [],
+                },
+                "end": {
+                    "type": "end",
+                    "out": [],
+                    "is_join": False,
+                    "decorators": [],
+                    "split_stack": [],
+                    "foreach_stack": [],
+                },
+            }
+        }
+    },
     "package not a sha": {"package": "abc"},
     "package never uploaded": {},
     "module file with a path": {"module_file": "../../etc/passwd.py"},
@@ -59,13 +98,16 @@ def test_bad_submission_is_a_4xx(daemon: Daemon, case: str) -> None:
     assert set(body) == {"error", "message"} and body["message"]
 
 
-@pytest.mark.parametrize(("raw", "ctype", "expected"), [
-    (b"{not json", "application/json", 400),
-    (b"[1, 2, 3]", "application/json", 400),
-    (b"\xff\xfe\x00", "application/json", 400),
-    (b'{"flow": "X"}', "text/plain", 415),
-    (b"", "application/json", 400),
-])
+@pytest.mark.parametrize(
+    ("raw", "ctype", "expected"),
+    [
+        (b"{not json", "application/json", 400),
+        (b"[1, 2, 3]", "application/json", 400),
+        (b"\xff\xfe\x00", "application/json", 400),
+        (b'{"flow": "X"}', "text/plain", 415),
+        (b"", "application/json", 400),
+    ],
+)
 def test_malformed_bodies(daemon: Daemon, raw: bytes, ctype: str, expected: int) -> None:
     status, body = daemon.request("POST", "/v1/runs", raw=raw, headers={"Content-Type": ctype})
     assert status == expected, body
@@ -82,34 +124,40 @@ def test_huge_body_is_refused(daemon_factory: object) -> None:
     assert d.request("GET", "/v1/health")[0] == 200
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/runs/NoSuchFlow/1",
-    "/v1/runs/HelloFlow/999999",
-    "/v1/runs/HelloFlow/1/events",
-    "/v1/runs/HelloFlow/1/logs/start/0",
-    "/v1/nothing-here",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/runs/NoSuchFlow/1",
+        "/v1/runs/HelloFlow/999999",
+        "/v1/runs/HelloFlow/1/events",
+        "/v1/runs/HelloFlow/1/logs/start/0",
+        "/v1/nothing-here",
+    ],
+)
 def test_unknown_things_are_404(daemon: Daemon, path: str) -> None:
     status, body = daemon.request("GET", path)
     assert status == 404, body
     assert body["error"]
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/runs/..%2F..%2Fetc/1",
-    "/v1/runs/HelloFlow/..",
-    "/v1/runs/HelloFlow/%2E%2E",
-    "/v1/runs/HelloFlow/1/logs/..%2F..%2F..%2Fetc/passwd",
-    "/v1/runs/HelloFlow/1/logs/start/..%2F..%2F..",
-    "/v1/runs/HelloFlow/1/logs/start/0?stream=..%2F..%2Fetc%2Fpasswd",
-    "/v1/runs/HelloFlow/1/logs/start/0?offset=-5",
-    "/v1/runs/HelloFlow/1/logs/start/0?attempt=abc",
-    "/v1/runs?limit=100000",
-    "/v1/runs?cursor=%%%",
-    "/v1/runs?status=sideways",
-    "/v1/runs/HelloFlow/1/events?since=x",
-    "/v1/packages/..%2F..%2Fetc",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/runs/..%2F..%2Fetc/1",
+        "/v1/runs/HelloFlow/..",
+        "/v1/runs/HelloFlow/%2E%2E",
+        "/v1/runs/HelloFlow/1/logs/..%2F..%2F..%2Fetc/passwd",
+        "/v1/runs/HelloFlow/1/logs/start/..%2F..%2F..",
+        "/v1/runs/HelloFlow/1/logs/start/0?stream=..%2F..%2Fetc%2Fpasswd",
+        "/v1/runs/HelloFlow/1/logs/start/0?offset=-5",
+        "/v1/runs/HelloFlow/1/logs/start/0?attempt=abc",
+        "/v1/runs?limit=100000",
+        "/v1/runs?cursor=%%%",
+        "/v1/runs?status=sideways",
+        "/v1/runs/HelloFlow/1/events?since=x",
+        "/v1/packages/..%2F..%2Fetc",
+    ],
+)
 def test_traversal_and_bad_queries_are_refused(daemon: Daemon, path: str) -> None:
     run_flow(daemon, EXAMPLES / "hello.py")
     status, body = daemon.request("GET", path) if "packages" not in path else daemon.request("HEAD", path)
@@ -125,15 +173,17 @@ def test_package_with_the_wrong_sha_is_refused(daemon: Daemon) -> None:
 
 
 def test_garbage_on_the_socket_does_not_disturb_a_run(daemon: Daemon) -> None:
-    for junk in (b"\x00\x01\x02garbage\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"POST /v1/runs HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n"):
+    for junk in (
+        b"\x00\x01\x02garbage\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /v1/runs HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+    ):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(daemon.socket)
             s.sendall(junk)
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
                 s.recv(4096)
-            except (TimeoutError, ConnectionResetError):
-                pass
     run_id, proc = run_flow(daemon, EXAMPLES / "hello.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert daemon.run_state("HelloFlow", run_id)["status"] == "ok"
@@ -153,8 +203,13 @@ def test_cancel_a_running_run(daemon: Daemon) -> None:
     from tests.e2e.helpers import FLOWS
 
     id_file = daemon.root / "cancel-id"
-    proc = subprocess.Popen([sys.executable, str(FLOWS / "slow_foreach.py"), "run", "--run-id-file", str(id_file),
-                             "--nap", "5"], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(FLOWS / "slow_foreach.py"), "run", "--run-id-file", str(id_file), "--nap", "5"],
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_until(lambda: id_file.exists() and id_file.read_text().strip(), 30)
     run_id = id_file.read_text().strip()
     wait_until(lambda: daemon.run_state("SlowForeachFlow", run_id)["steps"]["work"]["running"] > 0, 30)

@@ -18,9 +18,23 @@ WIDTH = 12
 def _submit_in_background(d: Daemon) -> tuple[subprocess.Popen[str], str]:
     id_file = d.root / "run-id"
     proc = subprocess.Popen(
-        [sys.executable, str(FLOWS / "slow_foreach.py"), "run", "--run-id-file", str(id_file),
-         "--width", str(WIDTH), "--nap", "0.4", "--max-workers", "4"],
-        env=d.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(FLOWS / "slow_foreach.py"),
+            "run",
+            "--run-id-file",
+            str(id_file),
+            "--width",
+            str(WIDTH),
+            "--nap",
+            "0.4",
+            "--max-workers",
+            "4",
+        ],
+        env=d.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     wait_until(lambda: id_file.exists() and id_file.read_text().strip(), 30)
     return proc, id_file.read_text().strip()
@@ -50,8 +64,11 @@ def _check_finished_correctly(d: Daemon, run_id: str) -> None:
         folder = d.datastore / "SlowForeachFlow" / run_id / task["step"] / task["task_id"]
         on_disk = sorted(int(p.name) for p in folder.iterdir() if p.is_dir())
         assert on_disk == [a["number"] for a in task["attempts"]], task
-        oks = [n for n in on_disk if (done_marker(d, "SlowForeachFlow", run_id, task["step"], task["task_id"], n)
-                                      or {}).get("status") == "ok"]
+        oks = [
+            n
+            for n in on_disk
+            if (done_marker(d, "SlowForeachFlow", run_id, task["step"], task["task_id"], n) or {}).get("status") == "ok"
+        ]
         assert len(oks) == 1, task
 
 

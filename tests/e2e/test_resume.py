@@ -17,8 +17,14 @@ def _run(d: Daemon, flow_file: Path, *args: str, fail: str = "", command: str = 
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(flow_file), command, "--run-id-file", str(id_file), *args],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=str(flow_file.parent))
+    proc = subprocess.run(
+        [sys.executable, str(flow_file), command, "--run-id-file", str(id_file), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(flow_file.parent),
+    )
     run_id = id_file.read_text().strip() if id_file.exists() else ""
     return run_id, proc.returncode, proc.stdout + proc.stderr
 
@@ -26,8 +32,12 @@ def _run(d: Daemon, flow_file: Path, *args: str, fail: str = "", command: str = 
 def _cloned(d: Daemon, flow: str, run_id: str) -> dict[str, str | None]:
     """task key -> the origin pathspec it was cloned from (None: it ran)."""
     state = d.run_state(flow, run_id)
-    return {f"{t['step']}/{t['task_id']}": ((t["attempts"][-1]["handle"] or {}).get("cloned_from")
-                                            if t["attempts"] else None) for t in state["tasks"]}
+    return {
+        f"{t['step']}/{t['task_id']}": (
+            (t["attempts"][-1]["handle"] or {}).get("cloned_from") if t["attempts"] else None
+        )
+        for t in state["tasks"]
+    }
 
 
 def test_resume_inside_a_foreach_reruns_only_the_failed_split(daemon: Daemon) -> None:
@@ -55,7 +65,8 @@ def test_splits_running_when_another_fails_are_cancelled_then_rerun(daemon: Daem
     assert code == 0, out
     cloned = _cloned(daemon, FLOW, new)
     assert {k for k, v in cloned.items() if v and k.startswith("work/")} == {
-        f"work/{i}" for i, s in statuses.items() if s == "ok"}
+        f"work/{i}" for i, s in statuses.items() if s == "ok"
+    }
 
 
 def test_resume_after_a_failed_join_clones_every_split(daemon: Daemon) -> None:
@@ -112,8 +123,15 @@ def test_resume_inside_nested_foreach_and_switch(daemon: Daemon) -> None:
     assert code == 0, out
     cloned = _cloned(daemon, flow, new)
     assert {k for k, v in cloned.items() if v} == {"start/0", "outer/0", "outer/1", "fit/0-0", "fit/0-1"}
-    assert {k for k, v in cloned.items() if not v} == {"fit/1-0", "fit/1-1", "inner_join/0", "inner_join/1",
-                                                        "outer_join/0", "large/0", "end/0"}
+    assert {k for k, v in cloned.items() if not v} == {
+        "fit/1-0",
+        "fit/1-1",
+        "inner_join/0",
+        "inner_join/1",
+        "outer_join/0",
+        "large/0",
+        "end/0",
+    }
     assert artifact(daemon, flow, new, "outer_join", "grid") == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
     origin2, code, _ = _run(daemon, FLOWS / "resumable_nested.py", fail="large")
@@ -138,7 +156,8 @@ def test_resume_errors(daemon: Daemon, tmp_path: Path) -> None:
     text = changed.read_text().replace(
         "        self.ran_in = current.run_id\n        self.next(self.join)",
         "        self.ran_in = current.run_id\n        self.next(self.extra)\n\n"
-        "    @step\n    def extra(self):\n        self.next(self.join)")
+        "    @step\n    def extra(self):\n        self.next(self.join)",
+    )
     assert "def extra" in text
     changed.write_text(text)
     _, code, out = _run(daemon, changed, "--origin-run-id", origin, command="resume")

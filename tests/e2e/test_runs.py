@@ -42,7 +42,10 @@ def test_nested_foreach(daemon: Daemon) -> None:
     run_id, proc = run_flow(daemon, EXAMPLES / "nested_foreach.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert artifact(daemon, "NestedForeachFlow", run_id, "join", "table") == {
-        "a": [11, 12], "b": [21, 22], "c": [31, 32]}
+        "a": [11, 12],
+        "b": [21, 22],
+        "c": [31, 32],
+    }
     fits = {t["task_id"] for t in daemon.run_state("NestedForeachFlow", run_id)["tasks"] if t["step"] == "fit"}
     assert fits == {f"{i}-{j}" for i in range(3) for j in range(2)}
 
@@ -65,8 +68,9 @@ def test_switch(daemon: Daemon, size: str, branch: str) -> None:
 
 
 def test_parameters(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "parameters.py", "--alpha", "0.2", "--epochs", "2",
-                            "--config", '{"layers": [3]}')
+    run_id, proc = run_flow(
+        daemon, EXAMPLES / "parameters.py", "--alpha", "0.2", "--epochs", "2", "--config", '{"layers": [3]}'
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert artifact(daemon, "ParameterFlow", run_id, "end", "schedule") == [0.2, 0.1]
     assert "hello from" in proc.stdout and "[3]" in proc.stdout
@@ -131,7 +135,7 @@ def test_logs_command_and_api(daemon: Daemon) -> None:
 def test_runs_and_status_commands(daemon: Daemon) -> None:
     run_id, _ = run_flow(daemon, EXAMPLES / "hello.py")
     runs = daemon.cli("runs")
-    assert runs.returncode == 0 and f"HelloFlow" in runs.stdout and run_id in runs.stdout
+    assert runs.returncode == 0 and "HelloFlow" in runs.stdout and run_id in runs.stdout
     status = daemon.cli("status", f"HelloFlow/{run_id}")
     assert status.returncode == 0 and "greet" in status.stdout
 
@@ -165,7 +169,13 @@ def test_tasks_run_in_the_submitters_working_directory(daemon: Daemon, tmp_path)
 
     (tmp_path / "input.txt").write_text("read from the cwd\n")
     id_file = tmp_path / "id"
-    proc = subprocess.run([sys.executable, str(FLOWS / "cwd_flow.py"), "run", "--run-id-file", str(id_file)],
-                          env=daemon.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(FLOWS / "cwd_flow.py"), "run", "--run-id-file", str(id_file)],
+        env=daemon.env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert artifact(daemon, "CwdFlow", id_file.read_text(), "start", "text") == "read from the cwd"

@@ -32,9 +32,22 @@ def metadata_service(tmp_path: Path) -> Iterator[str]:
     keys = tmp_path / "keys"
     keys.write_text(API_KEY + "\n")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "millstream", "metadata-service", "--dsn", dsn, "--listen",
-                             f"127.0.0.1:{port}", "--api-key-file", str(keys)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "millstream",
+            "metadata-service",
+            "--dsn",
+            dsn,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--api-key-file",
+            str(keys),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def answers() -> bool:
         with socket.socket() as s:
