@@ -162,22 +162,22 @@ class LocalBackend:
             msg = json.loads(line)
             ident = msg.get("id")
             if "exit" in msg:
-                fut = zyg.exits.pop(ident, None) or self._exit_futures.get(msg["pid"])
-                if fut is not None and not fut.done():
-                    fut.set_result(int(msg["exit"]))
+                exited = zyg.exits.pop(ident, None) or self._exit_futures.get(msg["pid"])
+                if exited is not None and not exited.done():
+                    exited.set_result(int(msg["exit"]))
                 zyg.running -= 1
             elif ident in zyg.pending:
-                fut = zyg.pending.pop(ident)
-                if not fut.done():  # the launcher may have been cancelled meanwhile
-                    fut.set_result(msg)
+                started = zyg.pending.pop(ident)
+                if not started.done():  # the launcher may have been cancelled meanwhile
+                    started.set_result(msg)
         # The zygote is gone: its children live on, watch them by pidfd instead.
-        for fut in zyg.pending.values():
-            if not fut.done():
-                fut.set_exception(ComputeError("the zygote exited before launching the attempt"))
+        for started in zyg.pending.values():
+            if not started.done():
+                started.set_exception(ComputeError("the zygote exited before launching the attempt"))
         zyg.pending.clear()
-        for fut in list(zyg.exits.values()):
-            if not fut.done():
-                fut.set_result(-1)
+        for exited in list(zyg.exits.values()):
+            if not exited.done():
+                exited.set_result(-1)
         zyg.exits.clear()
 
     # ----------------------------------------------------------------- launching
@@ -278,7 +278,12 @@ class LocalBackend:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             # A zombie (exited, unreaped by a parent that is not us) never becomes readable
             # for non-children on old kernels; poll its state as a backstop.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -93,7 +94,7 @@ class Recorder:
         """Beat for every active run every ``interval_s`` until ``stop``."""
         while not stop.is_set():
             for flow, run_id in active():
-                self.record(f"heartbeat {flow}/{run_id}", lambda f=flow, r=run_id: self.store.heartbeat_run(f, r))
+                self.record(f"heartbeat {flow}/{run_id}", functools.partial(self.store.heartbeat_run, flow, run_id))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
 
@@ -104,12 +105,10 @@ def record_tasks(recorder: Recorder, flow: str, run_id: str, tasks: list[sch.Tas
     store = recorder.store
     for task in tasks:
         parents = [f"{s}/{t}" for s, t in task.parents]
-        recorder.record(
-            f"task {flow}/{run_id}/{task.key}",
-            lambda t=task, p=parents: store.record_task(
-                flow, run_id, t.step, t.task_id, foreach_index=t.index, parents=p
-            ),
+        write = functools.partial(
+            store.record_task, flow, run_id, task.step, task.task_id, foreach_index=task.index, parents=parents
         )
+        recorder.record(f"task {flow}/{run_id}/{task.key}", write)
 
 
 def record_clone(recorder: Recorder, flow: str, run_id: str, task: sch.Task, origin_pathspec: str) -> None:

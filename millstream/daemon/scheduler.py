@@ -243,11 +243,10 @@ def attempt_finished(
         return decisions  # a duplicate report (e.g. after recovery)
     attempt.finished_at = now
     attempt.exit_code = exit_code
-    succeeded = done is not None and done.get("status") == "ok"
-    if succeeded:
+    if done is not None and done.get("status") == "ok":
         attempt.status = OK
         task.status = OK
-        task.outcome = {k: done[k] for k in ("next", "foreach", "switch") if k in done}  # type: ignore[index]
+        task.outcome = {k: done[k] for k in ("next", "foreach", "switch") if k in done}
         if state.status == RUNNING:
             _expand(graph, state, task, decisions)
         return settle(state, decisions)

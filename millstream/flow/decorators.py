@@ -74,8 +74,10 @@ def _non_negative_number(deco: Decorator, *keys: str, integer: bool = False, opt
         value = deco.attributes[key]
         if value is None and optional:
             continue
-        kinds: tuple[type, ...] = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+        wrong_kind = (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int))
+        )
+        if wrong_kind or value < 0:
             kind = "a non-negative integer" if integer else "a non-negative number"
             raise ValueError(f"@{deco.name}({key}=...) must be {kind}, got {value!r}")
 

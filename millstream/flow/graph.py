@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +217,8 @@ class FlowGraph:
                 for t in ast.walk(target):
                     attr = _is_self_attr(t)
                     if attr is not None:
-                        self._assignments.setdefault(attr, []).append((item.name, sub.lineno + start - 1))
+                        line_no = getattr(sub, "lineno", item.lineno)
+                        self._assignments.setdefault(attr, []).append((item.name, line_no + start - 1))
         tail = item.body[-1]
         node.tail_line = tail.lineno + start - 1
         calls = [n for n in ast.walk(item) if isinstance(n, ast.Call) and _is_self_attr(n.func) == "next"]
@@ -425,7 +426,7 @@ class FlowGraph:
             if node.type != "split-switch":
                 for target in node.out:
                     if state.get(target) == 1:
-                        cycle = [*path[path.index(target):], target]
+                        cycle = [*path[path.index(target) :], target]
                         self._problem(
                             f"steps form a cycle: {' -> '.join(cycle)}",
                             node.tail_line,
@@ -570,7 +571,7 @@ class FlowGraph:
         if self.problems:
             raise self.problems[0]
 
-    def __iter__(self) -> Iterable[Node]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
 
     def __getitem__(self, name: str) -> Node:

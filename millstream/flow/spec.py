@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from millstream.errors import FlowError
@@ -18,8 +19,9 @@ from millstream.errors import FlowError
 INTERNAL_PREFIX = "_ms_"
 
 
-class ForeachFrame(NamedTuple):
-    """One level of foreach nesting, as ``foreach_stack()`` returns it."""
+@dataclass(frozen=True)
+class ForeachFrame:
+    """One level of foreach nesting; ``foreach_stack()`` returns them as tuples."""
 
     index: int
     num_splits: int
@@ -112,7 +114,7 @@ class FlowSpec:
 
     def foreach_stack(self) -> list[tuple[int, int, Any]]:
         """``[(index, num_splits, value), ...]`` from the outermost foreach inwards."""
-        return [tuple(frame) for frame in self._ms_foreach]  # type: ignore[misc]
+        return [(frame.index, frame.num_splits, frame.value) for frame in self._ms_foreach]
 
     @property
     def name(self) -> str:
@@ -214,7 +216,7 @@ class Inputs:
         return self._flows[index]
 
     def __getattr__(self, name: str) -> FlowSpec:
-        by_step = self.__dict__.get("_by_step", {})
+        by_step: dict[str | None, FlowSpec] = self.__dict__.get("_by_step", {})
         if name in by_step:
             return by_step[name]
-        raise AttributeError(f"no input from a step named {name!r}; inputs come from {sorted(by_step)}")
+        raise AttributeError(f"no input from a step named {name!r}; inputs come from {sorted(str(s) for s in by_step)}")
