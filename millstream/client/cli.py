@@ -32,6 +32,7 @@ from millstream.client.flowcli import (
 from millstream.client.graphview import SHOW_FORMATS
 from millstream.client.loader import load_flow
 from millstream.client.pathspec import PathspecError, parse_pathspec
+from millstream.client.schedulecmd import schedule_group
 
 RUN_STATUSES = ("running", "ok", "failed", "cancelled")
 MAX_PAGE = 50
@@ -255,6 +256,9 @@ def config_show(state: CliState) -> None:
     with cli_errors():
         rows = describe(state.settings())
     click.echo(table(("KEY", "VALUE", "SOURCE"), rows), nl=False)
+
+
+cli.add_command(schedule_group)
 
 
 @cli.command("metadata-service", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},

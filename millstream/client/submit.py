@@ -119,9 +119,8 @@ def build_submission(flow_cls: type, raw_params: Mapping[str, str | None], *,
     return body, package
 
 
-def submit(client: DaemonClient, submission: Mapping[str, Any], package_bytes: bytes) -> dict[str, Any]:
-    """Upload the code package unless the daemon has it, then start the run; the daemon's answer."""
-    sha = str(submission["package"])
+def upload_package(client: DaemonClient, sha: str, package_bytes: bytes) -> None:
+    """Upload a code package unless the daemon already has it."""
     try:
         client.request("HEAD", api_path("packages", sha))
     except ApiError as exc:
@@ -129,6 +128,11 @@ def submit(client: DaemonClient, submission: Mapping[str, Any], package_bytes: b
             raise
         client.request("PUT", api_path("packages", sha), body=package_bytes,
                        headers={"Content-Type": "application/gzip"})
+
+
+def submit(client: DaemonClient, submission: Mapping[str, Any], package_bytes: bytes) -> dict[str, Any]:
+    """Upload the code package unless the daemon has it, then start the run; the daemon's answer."""
+    upload_package(client, str(submission["package"]), package_bytes)
     return client.request("POST", api_path("runs"), json_body=dict(submission))[1]
 
 

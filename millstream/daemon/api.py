@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import pwd
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import millstream
 from millstream.daemon import scheduler as sch
 from millstream.daemon.engine import Engine, Run
 from millstream.daemon.openapi import OPENAPI
+from millstream.daemon.schedules import Schedule
 from millstream.datastore import layout
 from millstream.datastore.records import AttemptKey
 from millstream.errors import (
@@ -116,10 +119,8 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, re
             raise ApiFailure(400, "missing_field", f"field {name!r} is required")
         return None
     value = body[name]
-    if (
-        not isinstance(value, kind)
-        or (isinstance(value, bool)
-        and bool not in (kind if isinstance(kind, tuple) else (kind,)))
+    if not isinstance(value, kind) or (
+        isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
     ):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ApiFailure(400, "wrong_type", f"field {name!r} must be {expected}")
@@ -202,8 +203,6 @@ def _flag(request: web.Request, name: str) -> bool:
 # --------------------------------------------------------------------- handlers
 async def health(request: web.Request) -> web.Response:
     """Liveness and a few numbers."""
-    import os
-
     engine = request.app[ENGINE]
     active = sum(1 for r in engine.runs.values() if not r.state.finished)
     return web.json_response(
@@ -489,11 +488,80 @@ async def cancel_run(request: web.Request) -> web.Response:
     """Cancel a run: its owner (or root) only."""
     run = _run_or_404(request)
     uid, _ = peer_identity(request)
-    if uid not in (run.owner_uid, 0) and uid != __import__("os").getuid():
+    if uid not in (run.owner_uid, 0, os.getuid()):
         raise ApiFailure(403, "forbidden", f"only {run.owner} can cancel run {run.key}")
     if not request.app[ENGINE].cancel(run):
         raise ApiFailure(409, "finished", f"run {run.key} has already ended ({run.state.status})")
     return web.json_response({"status": "cancelling"}, status=202)
+
+
+async def create_schedule(request: web.Request) -> web.Response:
+    """Save a schedule: a run submission plus cron and/or trigger flows."""
+    engine = request.app[ENGINE]
+    uid, user = peer_identity(request)
+    body = await _json(request)
+    submission = _field(body, "submission", dict)
+    flow = _check_name("flow", _field(submission, "flow", str), layout.check_flow)
+    validate_graph(submission.get("graph"))
+    _check_name("package", _field(submission, "package", str), layout.check_sha)
+    if not await engine.store.exists(layout.package_key(submission["package"])):
+        raise ApiFailure(409, "rejected", f"code package {submission['package']} was not uploaded")
+    triggers = _field(body, "triggers", list, required=False) or []
+    if not all(isinstance(t, str) for t in triggers):
+        raise ApiFailure(400, "wrong_type", "triggers must be a list of flow names")
+    name = _field(body, "name", str, required=False) or flow
+    existing = engine.schedules.schedules.get(name)
+    if existing is not None and uid not in (existing.owner_uid, 0, os.getuid()):
+        raise ApiFailure(403, "forbidden", f"schedule {name!r} belongs to {existing.owner}")
+    schedule = Schedule(
+        name=name,
+        flow=flow,
+        owner=user,
+        owner_uid=uid,
+        submission=submission,
+        cron=_field(body, "cron", str, required=False),
+        timezone=_field(body, "timezone", str, required=False),
+        catchup=_field(body, "catchup", str, required=False) or "latest",
+        triggers=list(triggers),
+    )
+    saved = await engine.schedules.put(schedule)
+    return web.json_response(saved.to_dict(time.time()), status=201)
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    """Every schedule with its next fire time."""
+    now = time.time()
+    book = request.app[ENGINE].schedules
+    return web.json_response(
+        {"schedules": [s.to_dict(now) for s in sorted(book.schedules.values(), key=lambda s: s.name)]}
+    )
+
+
+def _schedule_for_owner(request: web.Request) -> Schedule:
+    book = request.app[ENGINE].schedules
+    name = request.match_info["name"]
+    if name not in book.schedules:
+        raise ApiFailure(404, "not_found", f"no schedule named {name!r}")
+    schedule = book.schedules[name]
+    uid, _ = peer_identity(request)
+    if uid not in (schedule.owner_uid, 0, os.getuid()):
+        raise ApiFailure(403, "forbidden", f"only {schedule.owner} can change schedule {name!r}")
+    return schedule
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    """Pause (``/pause``) or resume (``/resume``) a schedule."""
+    schedule = _schedule_for_owner(request)
+    paused = request.match_info["action"] == "pause"
+    saved = await request.app[ENGINE].schedules.set_paused(schedule.name, paused)
+    return web.json_response(saved.to_dict(time.time()))
+
+
+async def delete_schedule(request: web.Request) -> web.Response:
+    """Forget a schedule."""
+    schedule = _schedule_for_owner(request)
+    await request.app[ENGINE].schedules.delete(schedule.name)
+    return web.json_response({"deleted": schedule.name})
 
 
 def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
@@ -510,6 +578,10 @@ def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
     app.router.add_get("/v1/runs/{flow}/{run_id}/events", run_events)
     app.router.add_get("/v1/runs/{flow}/{run_id}/logs/{step}/{task_id}", task_logs)
     app.router.add_post("/v1/runs/{flow}/{run_id}/cancel", cancel_run)
+    app.router.add_post("/v1/schedules", create_schedule)
+    app.router.add_get("/v1/schedules", list_schedules)
+    app.router.add_post("/v1/schedules/{name}/{action:pause|resume}", pause_schedule)
+    app.router.add_delete("/v1/schedules/{name}", delete_schedule)
     return app
 
 

@@ -30,6 +30,8 @@ from millstream.daemon.events import EventLog
 from millstream.daemon.logs import LogTailer
 from millstream.daemon.recorder import Recorder, record_attempt, record_clone, record_tasks
 from millstream.daemon.resources import ResourcePool
+from millstream.daemon.schedules import Schedule as ScheduleDef
+from millstream.daemon.schedules import ScheduleBook
 from millstream.datastore import layout
 from millstream.datastore.package import extract_package, fetch_package
 from millstream.datastore.records import AttemptKey, list_attempts, read_done, read_started
@@ -113,6 +115,14 @@ class Run:
         }
 
 
+class AlreadySubmitted(SchedulerError):
+    """A submission with this request id already started its run."""
+
+    def __init__(self, flow: str, run_id: str) -> None:
+        super().__init__(f"run {flow}/{run_id} was already started for this request")
+        self.run_id = run_id
+
+
 class Engine:
     """Holds every run of this daemon and drives each to its end."""
 
@@ -154,6 +164,7 @@ class Engine:
             store, daemon_id, self._snapshot, self._active, interval_s=checkpoint_interval_s
         )
         self.tailer = LogTailer()
+        self.schedules = ScheduleBook(store, daemon_id, self._submit_scheduled)
 
     # ----------------------------------------------------------------- task ownership
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -175,6 +186,8 @@ class Engine:
         self._spawn(self.recorder.heartbeats(self._active, self.heartbeat_interval_s, self.stop), "heartbeats")
         await self._load_summaries()
         await self._recover()
+        await self.schedules.load()
+        self._spawn(self.schedules.run(self.stop), "schedules")
 
     async def shutdown(self, deadline_s: float = 5.0) -> None:
         """Stop intake, stop watching (attempts keep running), write the last checkpoint."""
@@ -248,7 +261,9 @@ class Engine:
         claim = f"{layout.run_prefix(flow, record.run_id)}_run/claim.json"
         if not await self.store.put_if_absent(
             claim, dumps({"daemon": self.daemon_id, "owner": owner, "at": time.time()})
-        ) and request_id is None:
+        ):
+            if request_id is not None:
+                raise AlreadySubmitted(flow, record.run_id)
             raise SchedulerError(
                 f"run {flow}/{record.run_id} already exists in the datastore: this daemon's "
                 "metadata store is not the one that datastore was used with"
@@ -349,6 +364,20 @@ class Engine:
             self._apply(run, decisions)
         self.checkpoints.mark(run.key)
 
+    async def _submit_scheduled(self, schedule: ScheduleDef, key: str, extra: dict[str, Any]) -> str | None:
+        """Start a schedule's run for one instant or trigger; None if its key already started one."""
+        body = dict(schedule.submission)
+        options = dict(body.get("options") or {})
+        options.update(extra, production=True)
+        options["tags"] = [*options.get("tags", []), f"schedule:{schedule.name}"]
+        body.update(options=options, request_id=key)
+        try:
+            run = await self.submit(body, owner=schedule.owner, owner_uid=schedule.owner_uid)
+        except AlreadySubmitted:
+            return None
+        log.info("schedule_fired", schedule=schedule.name, run=run.key, key=key)
+        return run.run_id
+
     def _check_resources(self, graph: dict[str, Any]) -> None:
         for name in graph["steps"]:
             cpu, memory = self._demand(graph, name)
@@ -444,6 +473,8 @@ class Engine:
             tags=list(run.options.get("tags", [])),
             username=run.owner,
             origin_run_id=run.options.get("origin_run_id"),
+            is_production=bool(run.options.get("production")),
+            trigger=run.options.get("trigger"),
         )
 
     def _log_paths(self, run: Run, key: AttemptKey) -> tuple[str, str]:
@@ -596,6 +627,7 @@ class Engine:
         self.checkpoints.mark(run.key, index=True)
         self._spawn(self._write_summary(run), f"summary-{run.key}")
         status, message = run.state.status, run.state.message
+        self._spawn(self.schedules.on_run_finished(run.flow, run.run_id, status), f"triggers-{run.key}")
         self.recorder.record(
             f"finish {run.key}",
             lambda: self.metadata.finish_run(run.flow, run.run_id, status=status, message=message, now=run.finished_at),

@@ -25,6 +25,27 @@ _FIELDS = (
 )
 
 
+class Trigger:
+    """``current.trigger``: what started this run (``@trigger_on_finish``)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.type: str = str(data.get("type", "run"))
+        self.pathspec: str = str(data.get("pathspec", ""))
+        self.flow_name: str = str(data.get("flow", self.pathspec.split("/")[0]))
+        self.run_id: str = str(data.get("run_id", self.pathspec.split("/")[-1]))
+
+    @property
+    def run(self) -> Any:
+        """The triggering run, through the Client API."""
+        from millstream.client.api import Run, namespace
+
+        namespace(None)
+        return Run(self.pathspec)
+
+    def __repr__(self) -> str:
+        return f"Trigger({self.type} {self.pathspec})"
+
+
 class Current:
     """The singleton behind ``from millstream import current``."""
 

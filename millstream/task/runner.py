@@ -29,7 +29,7 @@ from millstream.datastore.backends import open_store
 from millstream.datastore.records import AttemptKey, read_done, write_done, write_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import DatastoreError, FlowError
-from millstream.flow.current import current
+from millstream.flow.current import Trigger, current
 from millstream.flow.parameters import decode_value
 from millstream.flow.spec import FlowSpec, ForeachFrame, Inputs
 from millstream.task.spec import (
@@ -225,7 +225,7 @@ class TaskRunner:
             parameter_names=list(s.params),
             is_production=s.is_production,
             namespace=f"user:{s.username}",
-            trigger=None,
+            trigger=Trigger(s.trigger) if s.trigger else None,
         )
 
     def _run_body(self, flow: FlowSpec, inputs: Inputs | None) -> None:

@@ -45,6 +45,7 @@ class TaskSpec:
     username: str = ""
     origin_run_id: str | None = None
     is_production: bool = False
+    trigger: dict[str, Any] | None = None  # the run that triggered this one (@trigger_on_finish)
 
     @property
     def pathspec(self) -> str:
