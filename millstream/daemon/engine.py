@@ -45,6 +45,8 @@ log = structlog.get_logger(__name__)
 # After a timeout the attempt's process group gets this long to die of SIGALRM
 # (which lets @catch and the done marker happen) before it is killed.
 TIMEOUT_GRACE_S = 5.0
+# How often logs of running attempts are copied to a shared (non-local) datastore.
+LOG_UPLOAD_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -183,6 +185,10 @@ class Engine:
         self._spawn(self.checkpoints.run(self.stop), "checkpointer")
         self._spawn(self.tailer.run(self.stop), "log-tailer")
         self._spawn(self.recorder.run(self.stop), "metadata-recorder")
+        if self.datastore_config.get("type", "local") != "local":
+            # Logs of running attempts reach a shared datastore while they run, so
+            # `logs --follow` works from another machine; the final copy comes at the end.
+            self._spawn(self._upload_running_logs(self.stop), "log-uploader")
         self._spawn(self.recorder.heartbeats(self._active, self.heartbeat_interval_s, self.stop), "heartbeats")
         await self._load_summaries()
         await self._recover()
@@ -568,6 +574,25 @@ class Engine:
         await self.tailer.finish((run.key, task.key, attempt.number))
         await self._store_logs(run, akey)
         self._finished(run, task, attempt.number, code, done_record, message, kind="user" if timed_out else None)
+
+    async def _upload_running_logs(self, stop: asyncio.Event, interval_s: float = LOG_UPLOAD_INTERVAL_S) -> None:
+        sizes: dict[str, int] = {}
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            for run in list(self.runs.values()):
+                for task in list(run.state.tasks.values()):
+                    if not task.attempts or task.attempts[-1].status != sch.RUNNING:
+                        continue
+                    akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, task.attempts[-1].number)
+                    for path, key in zip(self._log_paths(run, akey), (akey.stdout_key, akey.stderr_key), strict=True):
+                        try:
+                            size = os.path.getsize(path)
+                            if size and sizes.get(key) != size:
+                                await self.store.put_file(key, Path(path))
+                                sizes[key] = size
+                        except (OSError, DatastoreError) as exc:
+                            log.info("log_upload_skipped", key=key, error=str(exc))
 
     async def _store_logs(self, run: Run, akey: AttemptKey) -> None:
         for path, key in zip(self._log_paths(run, akey), (akey.stdout_key, akey.stderr_key), strict=False):

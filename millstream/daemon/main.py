@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -66,11 +67,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         os.unlink(sock_path)
     state_dir = Path(settings.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    datastore_config = {
-        "type": settings.datastore.type,
-        "root": settings.datastore.root,
-        "durable": settings.datastore.durable,
-    }
+    # Everything a task process needs to open the same store (JSON; no credentials).
+    datastore_config = dataclasses.asdict(settings.datastore)
     store = open_store(datastore_config)
     cores = os.cpu_count() or 1
     local = settings.local
