@@ -155,11 +155,8 @@ class Engine:
         self.default_cpu = default_cpu
         self.kill_grace_s = kill_grace_s
         self.runs: dict[str, Run] = {}
-        self.finished: dict[str, dict[str, Any]] = {}  # summaries of runs finished before this start
         self.accepting = True
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._next_ids: dict[str, int] = {}
-        self._id_lock = asyncio.Lock()
         self._package_locks: dict[str, asyncio.Lock] = {}
         self.stop = asyncio.Event()
         self.checkpoints = Checkpointer(
@@ -190,7 +187,6 @@ class Engine:
             # `logs --follow` works from another machine; the final copy comes at the end.
             self._spawn(self._upload_running_logs(self.stop), "log-uploader")
         self._spawn(self.recorder.heartbeats(self._active, self.heartbeat_interval_s, self.stop), "heartbeats")
-        await self._load_summaries()
         await self._recover()
         await self.schedules.load()
         self._spawn(self.schedules.run(self.stop), "schedules")
@@ -228,18 +224,6 @@ class Engine:
 
     async def _write_summary(self, run: Run) -> None:
         await self.store.put(summary_key(self.daemon_id, run.flow, run.run_id), dumps(run.summary()))
-
-    async def _load_summaries(self) -> None:
-        prefix = f"daemon/{layout.check_daemon_id(self.daemon_id)}/runs/"
-        for key in await self.store.list(prefix):
-            with contextlib.suppress(Exception):
-                import json
-
-                summary = json.loads(await self.store.get(key))
-                self.finished[f"{summary['flow']}/{summary['run_id']}"] = summary
-                flow, run_id = summary["flow"], summary["run_id"]
-                if run_id.isdigit():
-                    self._next_ids[flow] = max(self._next_ids.get(flow, 1), int(run_id) + 1)
 
     # ----------------------------------------------------------------- submission
     async def allocate_run_id(
