@@ -232,17 +232,14 @@ class DatastoreView:
             return None
         return AttemptKey(flow, str(entry["run_id"]), step, task_id, int(entry["attempt"]))
 
-    async def _attempt_key(self, flow: str, run_id: str, step: str, task_id: str, attempt: int) -> AttemptKey:
-        key = AttemptKey(flow, run_id, step, task_id, attempt)
-        if attempt == 0 and not await self.store.exists(key.done_key):
-            return await self._clone_of(flow, run_id, step, task_id) or key
-        return key
-
     async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
                       attempt: int) -> AttemptOutcome | None:
         """The attempt's ``done.json`` (for a cloned task, the origin's), parsed."""
-        key = await self._attempt_key(flow, run_id, step, task_id, attempt)
+        key = AttemptKey(flow, run_id, step, task_id, attempt)
         done = await read_done(self.store, key)
+        if done is None and attempt == 0 and (origin := await self._clone_of(flow, run_id, step, task_id)):
+            key = origin
+            done = await read_done(self.store, key)
         if done is None:
             return None
         try:
@@ -253,13 +250,18 @@ class DatastoreView:
     async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
                   stream: str) -> bytes:
         """The attempt's log as stored when it ended (for a cloned task, the origin's)."""
-        key = await self._attempt_key(flow, run_id, step, task_id, attempt)
         if stream not in (layout.STDOUT, layout.STDERR):
             raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
-        try:
-            return await self.store.get(key.stdout_key if stream == layout.STDOUT else key.stderr_key)
-        except NotFound:
-            return b""
+        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        origin = await self._clone_of(flow, run_id, step, task_id) if attempt == 0 else None
+        for candidate in (key, origin):
+            if candidate is None:
+                continue
+            try:
+                return await self.store.get(candidate.stdout_key if stream == layout.STDOUT else candidate.stderr_key)
+            except NotFound:
+                continue
+        return b""
 
     async def artifact(self, flow: str, sha: str) -> Any:
         """Load, verify and unpickle one artifact."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def test_body_of_a_run(example: Any) -> None:
     assert body["env"] == ENV
     assert body["params"] == {}
     assert body["options"] == {"max_workers": 4, "max_num_splits": 10, "tags": ["x"],
-                               "with": ["retry:times=2"]}
+                               "with": ["retry:times=2"], "cwd": os.getcwd()}
     assert list(body["graph"]["steps"]) == ["start", "greet", "end"]
     assert len(body["package"]) == 64 and package[:2] == b"\x1f\x8b"
     json.dumps(body)  # all of it travels as JSON
