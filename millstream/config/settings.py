@@ -26,9 +26,20 @@ from millstream.errors import ConfigError
 class DatastoreSettings:
     """Where artifacts, records, logs and checkpoints live."""
 
-    type: str = "local"
+    type: str = "local"  # or "s3"
     root: str = ""
     durable: bool = True
+    # type = "s3" (credentials come from the standard AWS chain, never from here):
+    bucket: str = ""
+    prefix: str = ""  # keys live under s3://bucket/prefix/
+    region: str = ""  # "": the AWS chain's region
+    endpoint_url: str = ""  # "": AWS; set for MinIO, moto or a VPC endpoint
+    sse: str = ""  # "" (the bucket's default), "AES256" or "aws:kms"
+    sse_kms_key_id: str = ""  # with sse = "aws:kms"; "": the AWS-managed key
+    max_concurrency: int = 32  # S3 requests in flight per process, and the pool size
+    multipart_threshold_mb: int = 64
+    part_size_mb: int = 16
+    retries: int = 8  # retries after the first attempt, with full-jitter backoff
 
 
 @dataclass(frozen=True)

@@ -17,4 +17,11 @@ def open_store(config: dict[str, Any]) -> ObjectStore:
 
         return LocalStore(Path(config["root"]), durable=bool(config.get("durable", True)),
                           inline=bool(config.get("inline", False)))
-    raise DatastoreError(f"unknown datastore type {kind!r}; known: local")
+    if kind == "s3":
+        # {"type": "s3", "bucket", "prefix", "region", "endpoint_url", "sse", "sse_kms_key_id",
+        #  "max_concurrency", "multipart_threshold_mb", "part_size_mb", "retries"}; other keys
+        # (root, durable, inline) are ignored, so the whole settings section can be passed.
+        from millstream.datastore.s3 import S3Store
+
+        return S3Store.from_config(config)
+    raise DatastoreError(f"unknown datastore type {kind!r}; known: local, s3")
