@@ -29,7 +29,10 @@ __version__ = "0.1.0"
 
 # The Client API is imported on first use: flows that only run need none of it.
 _CLIENT_NAMES = frozenset(
-    {"Flow", "Run", "Step", "Task", "DataArtifact", "Metaflow", "namespace", "get_namespace", "default_namespace"}
+    {
+        "Flow", "Run", "Step", "Task", "DataArtifact", "Metaflow", "namespace", "get_namespace",
+        "default_namespace", "MetaflowNotFound", "MetaflowNamespaceMismatch", "MetaflowTaggingError",
+    }
 )
 
 
@@ -48,6 +51,9 @@ __all__ = [
     "IncludeFile",
     "JSONType",
     "Metaflow",
+    "MetaflowNamespaceMismatch",
+    "MetaflowNotFound",
+    "MetaflowTaggingError",
     "Parameter",
     "Run",
     "Step",

@@ -1,43 +1,55 @@
 """The notebook Client API: Metaflow's ``Metaflow``, ``Flow``, ``Run``, ``Step``, ``Task``, ``DataArtifact``.
 
-Results of past and running runs, read straight from the datastore through a
-:class:`~millstream.client.datastore_view.RunReader`, in the shape Metaflow's client has::
+Results of past and running runs, in the shape Metaflow's client has::
 
     from millstream import Flow, namespace
     run = Flow("ForeachFlow").latest_successful_run
     run.data.total                       # the end step's artifacts (and the parameters)
     [t.data.value for t in run["square"]]
+    run.add_tag("reviewed")              # user tags; system tags never change
+    task = run["square"].task
+    task.stdout, task.exception, task.metadata_dict, list(task.parent_tasks)
 
+Objects read through a :class:`~millstream.client.datastore_view.RunReader`: the
+metadata store (with the datastore for artifact values, exceptions and logs) whenever
+one is configured, else the datastore alone (see :func:`~millstream.client.datastore_view.reader_for`).
 Everything is synchronous, safe to call inside Jupyter's running loop too (see
 :func:`~millstream.client.datastore_view.run_sync`).
 
 Orders follow Metaflow's: children come newest first, so a flow yields its latest run
 first and a run its ``end`` step first, and ``Step.task`` is the first task iterated.
+A flow's runs are read a page at a time (:data:`PAGE_SIZES`), so ``latest_run`` costs
+one small listing and iterating 1,000 runs a handful.
 
-Namespaces are tags, as in Metaflow. Every run carries the system tag
-``user:<owner>`` (its owner is the OS account that submitted it) besides its
-``--tag`` tags. The default namespace is ``user:<your account>``; ``namespace(None)``
-shows every run. Objects keep the namespace in force when they were made, and their
-children inherit it.
+Namespaces are tags, as in Metaflow. Every run carries the system tags ``user:<owner>``
+(its owner is the OS account that submitted it) and ``runtime:millstream`` besides its
+user tags (``--tag`` and :meth:`Run.add_tag`). The default namespace is
+``user:<your account>``; ``namespace(None)`` shows every run. Objects keep the
+namespace in force when they were made, and their children inherit it. Only a run's
+owner (or root) may change its tags.
 
 Errors::
 
     MillstreamError
     ├── MetaflowNotFound (also KeyError)     no object has this pathspec
     │   └── MetaflowNamespaceMismatch         it exists, outside the current namespace
+    ├── MetaflowTaggingError                  a tag change that is not allowed, or a bad tag
     └── PathspecError (also ValueError)
         └── MetaflowInvalidPathspec           the pathspec is malformed
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import namedtuple
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 
 from millstream.client.datastore_view import (
+    CLONE_FIELDS,
+    FINAL_STATUSES,
     AttemptOutcome,
     RunProgress,
     RunReader,
@@ -50,13 +62,22 @@ from millstream.client.datastore_view import run_sync as _call
 from millstream.client.pathspec import PathspecError
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, serialize, type_name
-from millstream.errors import DatastoreError, MillstreamError
+from millstream.errors import DatastoreError, MetadataError, MillstreamError
 
 __all__ = [
-    "DataArtifact", "Flow", "Metaflow", "MetaflowData", "MetaflowInvalidPathspec",
-    "MetaflowNamespaceMismatch", "MetaflowNotFound", "MetaflowObject", "Run", "Step", "Task",
-    "TaskFailure", "default_namespace", "get_namespace", "namespace", "use_reader",
+    "DataArtifact", "Flow", "Metadata", "Metaflow", "MetaflowData", "MetaflowInvalidPathspec",
+    "MetaflowNamespaceMismatch", "MetaflowNotFound", "MetaflowObject", "MetaflowTaggingError", "Run", "Step",
+    "Task", "TaskFailure", "default_namespace", "get_namespace", "namespace", "use_reader",
 ]
+
+# A flow's runs are listed a page at a time, each page ten times the last up to the stores'
+# largest (1,000): ``latest_run`` reads one run, iterating 1,000 runs takes four pages, and
+# a reader that pays per run (the datastore alone) never reads ten times what is used.
+PAGE_SIZES = (1, 10, 100, 1000)
+MAX_TAG_LENGTH = 500  # characters, as Metaflow's limit
+
+Metadata = namedtuple("Metadata", ["name", "value", "created_at", "type", "task"])
+Metadata.__doc__ = "One metadata field of a task, as Metaflow's: created_at in epoch milliseconds."
 
 # ----------------------------------------------------------------- errors
 
@@ -75,6 +96,10 @@ class MetaflowNotFound(MillstreamError, KeyError):
 
 class MetaflowNamespaceMismatch(MetaflowNotFound):
     """The object exists but belongs to no run of the current namespace."""
+
+
+class MetaflowTaggingError(MillstreamError):
+    """A tag change that is not allowed (a system tag, someone else's run) or a malformed tag."""
 
 
 class MetaflowInvalidPathspec(PathspecError):
@@ -146,6 +171,11 @@ def _username() -> str:
         return os.environ.get("USER") or os.environ.get("LOGNAME") or str(os.getuid())
 
 
+def _may_retag(owner: str) -> bool:
+    """Whether this process may change the tags of ``owner``'s runs: it is the owner, or root."""
+    return os.getuid() == 0 or _username() == owner
+
+
 def _namespace_for(check: bool, given: str | None) -> str | None:
     """The namespace a new object is checked against; None for no check."""
     if not check:
@@ -154,9 +184,29 @@ def _namespace_for(check: bool, given: str | None) -> str | None:
 
 
 def _run_tags(record: RunRecord) -> tuple[frozenset[str], frozenset[str]]:
-    """``(user tags, system tags)`` of a run."""
-    system = frozenset({f"user:{record.owner}"} if record.owner else ())
+    """``(user tags, system tags)`` of a run (a reader that keeps no system tags implies ``user:<owner>``)."""
+    if record.system_tags is not None:
+        system = frozenset(record.system_tags)
+    else:
+        system = frozenset({f"user:{record.owner}"} if record.owner else ())
     return frozenset(record.tags), system
+
+
+def _ns_tags(ns: str | None) -> tuple[str, ...]:
+    """The tags a listing filters on for namespace ``ns``."""
+    return () if ns is None else (ns,)
+
+
+def _check_tags(tags: Iterable[str]) -> list[str]:
+    """The tags as a list, each a non-empty string of at most MAX_TAG_LENGTH characters."""
+    if isinstance(tags, (str, bytes)):
+        raise MetaflowTaggingError(f"tags must be a list of strings, not the string {tags!r}")
+    found = list(tags)
+    for tag in found:
+        if not isinstance(tag, str) or not tag or len(tag) > MAX_TAG_LENGTH:
+            raise MetaflowTaggingError(
+                f"bad tag {tag!r}: a tag is a non-empty string of at most {MAX_TAG_LENGTH} characters")
+    return found
 
 
 def _visible(record: RunRecord, ns: str | None) -> bool:
@@ -280,12 +330,12 @@ class MetaflowObject:
 
     @property
     def user_tags(self) -> frozenset[str]:
-        """The run's tags given with ``--tag``."""
+        """The run's user tags: given with ``--tag``, changed with :meth:`Run.add_tag` and the like."""
         return _run_tags(self._run._record)[0] if self._run is not None else frozenset()
 
     @property
     def system_tags(self) -> frozenset[str]:
-        """The tags millstream gives the run: ``user:<owner>``."""
+        """The tags millstream gives the run, which never change: ``user:<owner>``, ``runtime:millstream``."""
         return _run_tags(self._run._record)[1] if self._run is not None else frozenset()
 
     @property
@@ -325,9 +375,9 @@ class Metaflow:
         return list(self)
 
     def __iter__(self) -> Iterator[Flow]:
-        for name, run_ids in _call(self._reader.runs_by_flow()).items():
+        for name in _call(self._reader.flows()):
             flow = Flow._of(self._reader, name, self._ns)
-            if self._ns is None or flow._first_visible(run_ids) is not None:
+            if self._ns is None or flow._first(self._ns) is not None:
                 yield flow
 
     def __getitem__(self, name: str) -> Flow:
@@ -345,10 +395,9 @@ class Flow(MetaflowObject):
     def __init__(self, name: str, *, _namespace_check: bool = True, _current_namespace: str | None = None) -> None:
         (flow,) = _parse(name, 1)
         self._setup(_reader(), flow, _namespace_for(_namespace_check, _current_namespace))
-        run_ids = _call(self._reader.run_ids(flow))
-        if not run_ids:
-            raise MetaflowNotFound(f"Flow('{flow}') does not exist: no run of it is recorded", flow)
-        if self._ns is not None and self._first_visible(run_ids) is None:
+        if self._first(self._ns) is None:
+            if self._ns is None or self._first(None) is None:
+                raise MetaflowNotFound(f"Flow('{flow}') does not exist: no run of it is recorded", flow)
             raise MetaflowNamespaceMismatch(
                 f"Flow('{flow}') has no run in namespace {self._ns!r}; call namespace(None) to see every run", flow)
 
@@ -363,28 +412,32 @@ class Flow(MetaflowObject):
         self._ns = ns
         self.id = self._pathspec = name
 
-    def _first_visible(self, run_ids: Iterable[str], ns: str | None = None) -> RunRecord | None:
-        ns = self._ns if ns is None else ns
-        for record in self._records(run_ids):
-            if _visible(record, ns):
-                return record
-        return None
+    def _first(self, ns: str | None) -> RunRecord | None:
+        """The newest run in namespace ``ns``: one listing of one run."""
+        page = _call(self._reader.list_runs(self.id, tags=_ns_tags(ns), limit=1))
+        return page.items[0] if page.items else None
 
-    def _records(self, run_ids: Iterable[str]) -> Iterator[RunRecord]:
-        for run_id in run_ids:
-            record = _call(self._reader.run(self.id, run_id))
-            if record is not None:
-                yield record
+    def _records(self, *tags: str) -> Iterator[RunRecord]:
+        """The runs in the namespace that have every one of ``tags``, newest first, a page at a time."""
+        wanted = tuple(dict.fromkeys((*_ns_tags(self._ns), *tags)))
+        cursor: str | None = None
+        for number in itertools.count():
+            limit = PAGE_SIZES[min(number, len(PAGE_SIZES) - 1)]
+            page = _call(self._reader.list_runs(self.id, tags=wanted, limit=limit, cursor=cursor))
+            yield from page.items
+            cursor = page.next_cursor
+            if cursor is None:
+                return
 
     def __iter__(self) -> Iterator[Run]:
-        """The flow's runs in the namespace, newest first; each costs one small read."""
-        for record in self._records(_call(self._reader.run_ids(self.id))):
-            if _visible(record, self._ns):
-                yield Run._of(self._reader, record, self._ns)
+        """The flow's runs in the namespace, newest first."""
+        for record in self._records():
+            yield Run._of(self._reader, record, self._ns)
 
     def runs(self, *tags: str) -> Iterator[Run]:
-        """The runs that have every one of ``tags``, newest first."""
-        return (run for run in self if all(tag in run.tags for tag in tags))
+        """The runs in the namespace that have every one of ``tags``, newest first."""
+        for record in self._records(*tags):
+            yield Run._of(self._reader, record, self._ns)
 
     @property
     def latest_run(self) -> Run | None:
@@ -413,14 +466,14 @@ class Flow(MetaflowObject):
     def is_in_namespace(self) -> bool:
         """Whether the flow has a run in the current namespace."""
         ns = get_namespace()
-        return ns is None or self._first_visible(_call(self._reader.run_ids(self.id)), ns) is not None
+        return ns is None or self._first(ns) is not None
 
     def _ipython_key_completions_(self) -> list[str]:
         return [run.id for run in self]
 
 
 class Run(MetaflowObject):
-    """One run of a flow: its steps, newest first, and the end step's data."""
+    """One run of a flow: its steps, newest first, the end step's data, and its tags."""
 
     _NAME = "run"
     _record: RunRecord
@@ -491,13 +544,65 @@ class Run(MetaflowObject):
         """Not available yet: runs are not started by events."""
         return None
 
-    # ----------------------------------------------------------------- scheduler state
+    # ----------------------------------------------------------------- tags
+    def add_tag(self, tag: str) -> None:
+        """Add one user tag."""
+        self._retag(add=_check_tags([tag]))
+
+    def add_tags(self, tags: Iterable[str]) -> None:
+        """Add user tags."""
+        self._retag(add=_check_tags(tags))
+
+    def remove_tag(self, tag: str) -> None:
+        """Remove one user tag; a system tag cannot be removed."""
+        self._retag(remove=_check_tags([tag]))
+
+    def remove_tags(self, tags: Iterable[str]) -> None:
+        """Remove user tags; system tags cannot be removed."""
+        self._retag(remove=_check_tags(tags))
+
+    def replace_tag(self, tag_to_remove: str, tag_to_add: str) -> None:
+        """Remove one user tag, then add another."""
+        self._retag(remove=_check_tags([tag_to_remove]), add=_check_tags([tag_to_add]))
+
+    def replace_tags(self, tags_to_remove: Iterable[str], tags_to_add: Iterable[str]) -> None:
+        """Remove user tags, then add others (a tag in both ends up present)."""
+        self._retag(remove=_check_tags(tags_to_remove), add=_check_tags(tags_to_add))
+
+    def _retag(self, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
+        owner = self._record.owner
+        if not _may_retag(owner):
+            raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "
+                                       f"Run('{self.pathspec}'); you are {_username()}")
+        system = sorted(set(remove) & self.system_tags)
+        if system:
+            raise MetaflowTaggingError(f"cannot remove system tags of Run('{self.pathspec}'): {', '.join(system)}")
+        record = self._record
+        try:
+            if remove:
+                record = _call(self._reader.remove_tags(record.flow, self.id, list(remove)))
+            if add:
+                record = _call(self._reader.add_tags(record.flow, self.id, list(add)))
+        except MetadataError as exc:
+            raise MetaflowTaggingError(str(exc)) from exc
+        self._record = record
+
+    # ----------------------------------------------------------------- status
+    def _fresh(self) -> RunRecord:
+        """The run record, read again while the run's status can still change."""
+        record = self._record
+        if record.status is not None and record.status not in FINAL_STATUSES:
+            fresh = _call(self._reader.run(record.flow, self.id))
+            if fresh is not None:
+                self._record = record = fresh
+        return record
+
     def _progress(self) -> RunProgress | None:
         if self._final is not None:
             return self._final
         progress = _call(self._reader.progress(self._record.flow, self.id))
         if progress is not None and progress.finished:
-            self._final = progress  # an ended run's checkpoint no longer changes
+            self._final = progress  # an ended run's tasks no longer change
         return progress
 
     def _steps(self) -> dict[str, list[TaskEntry]]:
@@ -510,23 +615,34 @@ class Run(MetaflowObject):
                 steps.setdefault(entry.step, []).append(entry)
         return steps
 
+    def _entry(self, step: str, task_id: str) -> TaskEntry | None:
+        return next((e for e in self._steps().get(step, []) if e.task_id == task_id), None)
+
     def _params(self) -> dict[str, Any]:
         if self._param_values is None:
             from millstream.flow.parameters import decode_value
 
-            raw = _call(self._reader.params(self._record.flow, self.id))
+            raw = self._record.params
+            if raw is None:
+                raw = _call(self._reader.params(self._record.flow, self.id))
             self._param_values = {name: decode_value(value) for name, value in raw.items()}
         return self._param_values
 
     @property
     def status(self) -> str:
         """``running``, ``ok``, ``failed`` or ``cancelled`` (millstream's, not Metaflow's)."""
+        record = self._fresh()
+        if record.status is not None:
+            return record.status
         progress = self._progress()
         return progress.status if progress else "running"
 
     @property
     def message(self) -> str | None:
         """Why the run failed or was cancelled (millstream's, not Metaflow's)."""
+        record = self._fresh()
+        if record.status is not None:
+            return record.message
         progress = self._progress()
         return progress.message if progress else None
 
@@ -545,12 +661,16 @@ class Run(MetaflowObject):
     @property
     def successful(self) -> bool:
         """True if the end step succeeded."""
+        if self._record.status == "ok":  # recorded only after the end step succeeded
+            return True
         end = self.end_task
         return end.successful if end else False
 
     @property
     def finished(self) -> bool:
         """True if the end step finished (a failed or cancelled run never does)."""
+        if self._record.status == "ok":
+            return True
         end = self.end_task
         return end.finished if end else False
 
@@ -656,13 +776,12 @@ class Step(MetaflowObject):
 
 
 class Task(MetaflowObject):
-    """One task of a step: its artifacts, logs and outcome, for its latest attempt by default."""
+    """One task of a step: its artifacts, logs, metadata and outcome, for its latest attempt by default."""
 
     _NAME = "task"
     _run: Run
     _step: str
-    _entry: TaskEntry | None
-    _latest: int
+    _entry: TaskEntry
     _outcomes: dict[int, AttemptOutcome]
     _artifact_cache: dict[str, DataArtifact] | None
 
@@ -680,29 +799,27 @@ class Task(MetaflowObject):
 
     @classmethod
     def _of(cls, run: Run, entry: TaskEntry) -> Task:
-        return cls._make(run, entry.step, entry.task_id, None, entry, entry.attempts - 1)
+        return cls._make(run, entry, None)
 
     @classmethod
     def _find(cls, run: Run, step: str, task_id: str, attempt: int | None = None) -> Task | None:
-        """The task if any of its attempts left a record (and ``attempt`` is one of them)."""
-        found = _call(run._reader.attempts(run._record.flow, run.id, step, task_id))
-        if not found or (attempt is not None and attempt not in found):
+        """The task if any of its attempts started (and ``attempt`` is one of them)."""
+        entry = _call(run._reader.task(run._record.flow, run.id, step, task_id))
+        if entry is None or not entry.attempts or (attempt is not None and entry.attempt(attempt) is None):
             return None
-        return cls._make(run, step, task_id, attempt, None, found[-1])
+        return cls._make(run, entry, attempt)
 
     @classmethod
-    def _make(cls, run: Run, step: str, task_id: str, attempt: int | None, entry: TaskEntry | None,
-              latest: int) -> Task:
+    def _make(cls, run: Run, entry: TaskEntry, attempt: int | None) -> Task:
         task = cls.__new__(cls)
         task._run = run
         task._reader = run._reader
         task._ns = run._ns
-        task._step = step
-        task.id = task_id
-        task._pathspec = f"{run.pathspec}/{step}/{task_id}"
+        task._step = entry.step
+        task.id = entry.task_id
+        task._pathspec = f"{run.pathspec}/{entry.step}/{entry.task_id}"
         task._attempt = attempt
         task._entry = entry
-        task._latest = latest
         task._outcomes = {}
         task._artifact_cache = None
         return task
@@ -710,13 +827,20 @@ class Task(MetaflowObject):
     def _key(self) -> tuple[str, str, str, str]:
         return self._run._record.flow, self._run.id, self._step, self.id
 
+    def _info(self) -> TaskEntry:
+        """The task's fullest entry: a reader that lists attempts only leaves the rest to the run's table."""
+        entry = self._entry
+        if entry.index is None or entry.parents is None:
+            entry = self._run._entry(self._step, self.id) or entry
+        return entry
+
     def _outcome(self, attempt: int | None = None) -> AttemptOutcome | None:
         number = self.current_attempt if attempt is None else attempt
         if number not in self._outcomes:
             outcome = _call(self._reader.outcome(*self._key(), number))
             if outcome is None:
                 return None  # still running: ask again next time
-            self._outcomes[number] = outcome  # done markers are written once
+            self._outcomes[number] = outcome  # an attempt ends once
         return self._outcomes[number]
 
     @property
@@ -726,33 +850,68 @@ class Task(MetaflowObject):
 
     @property
     def origin_pathspec(self) -> str | None:
-        """The same task in the run this one resumed, if it did."""
-        origin = self._run.origin_pathspec
-        return f"{origin}/{self._step}/{self.id}" if origin else None
+        """The task a resume cloned this one from (``Flow/run/step/task``), None if it ran here."""
+        info = self._info()
+        if info.origin:
+            return info.origin
+        clone = info.attempts[-1].clone_of if info.attempts else None
+        return f"{self._run._record.flow}/{clone[0]}/{self._step}/{self.id}" if clone else None
 
     @property
     def current_attempt(self) -> int:
         """The attempt this object shows: the one asked for, else the latest started."""
-        return self._attempt if self._attempt is not None else self._latest
+        return self._attempt if self._attempt is not None else self._entry.attempts[-1].number
 
     @property
     def index(self) -> int | None:
         """The task's index in its innermost foreach, None outside any foreach."""
-        entry = self._entry
-        if entry is None:
-            entry = next((e for e in self._run._steps().get(self._step, []) if e.task_id == self.id), None)
-        if entry is not None:
-            return entry.index[-1] if entry.index else None
+        info = self._info()
+        if info.index is not None:
+            return info.index[-1] if info.index else None
         outcome = self._outcome()
         stack = outcome.foreach_stack if outcome else ()
         return int(stack[-1]["index"]) if stack else None
 
+    # ----------------------------------------------------------------- the graph around it
+    @property
+    def parent_task_pathspecs(self) -> Iterator[str]:
+        """Pathspecs of the tasks this one started from (none for ``start``)."""
+        for parent in self._info().parents or ():
+            yield f"{self._run.pathspec}/{parent}"
+
+    @property
+    def parent_tasks(self) -> Iterator[Task]:
+        """The tasks this one started from: a join's are its inputs."""
+        for parent in self._info().parents or ():
+            step, task_id = parent.split("/", 1)
+            entry = self._run._entry(step, task_id)
+            task = Task._of(self._run, entry) if entry else Task._find(self._run, step, task_id)
+            if task is not None:
+                yield task
+
+    @property
+    def child_task_pathspecs(self) -> Iterator[str]:
+        """Pathspecs of the tasks that started from this one."""
+        for task in self.child_tasks:
+            yield task.pathspec
+
+    @property
+    def child_tasks(self) -> Iterator[Task]:
+        """The tasks that started from this one, found in the run's task table."""
+        me = f"{self._step}/{self.id}"
+        for entries in self._run._steps().values():
+            for entry in entries:
+                if me in (entry.parents or ()):
+                    yield Task._of(self._run, entry)
+
+    # ----------------------------------------------------------------- outcome
     @property
     def created_at(self) -> datetime | None:
         """When the task's first attempt started."""
-        if self._entry is not None and self._entry.started_at is not None:
-            return _datetime(self._entry.started_at)
-        first = self._outcome(0)
+        started = self._info().started_at
+        if started is not None:
+            return _datetime(started)
+        first = self._outcome(self._entry.attempts[0].number)
         return _datetime(first.started_at) if first else None
 
     @property
@@ -778,19 +937,72 @@ class Task(MetaflowObject):
         outcome = self._outcome()
         return outcome.exception if outcome else None
 
+    # ----------------------------------------------------------------- logs
     @property
     def stdout(self) -> str:
-        """The attempt's standard output, stored when it ended."""
+        """The attempt's standard output as stored (while it runs: what was copied so far)."""
         return self._log("stdout")
 
     @property
     def stderr(self) -> str:
-        """The attempt's standard error, stored when it ended."""
+        """The attempt's standard error as stored (while it runs: what was copied so far)."""
         return self._log("stderr")
+
+    def loglines(self, stream: str, as_unicode: bool = True) -> Iterator[tuple[datetime | None, str | bytes]]:
+        """``(timestamp, line)`` for each line of ``stream``; the timestamp is None, as for
+        Metaflow's lines without one (millstream stores logs as the task wrote them)."""
+        data = _call(self._reader.log(*self._key(), self.current_attempt, stream))
+        for line in data.splitlines():
+            yield None, (line.decode("utf-8", errors="replace") if as_unicode else line)
 
     def _log(self, stream: str) -> str:
         data = _call(self._reader.log(*self._key(), self.current_attempt, stream))
         return data.decode("utf-8", errors="replace")
+
+    # ----------------------------------------------------------------- metadata
+    @property
+    def metadata(self) -> list[Metadata]:
+        """The task's metadata, attempt by attempt up to this one's, then its free-form fields.
+
+        Per attempt: ``attempt``, ``attempt_ok`` once it ended, ``exit_code``,
+        ``attempt_message`` (why it failed, when the daemon knows), ``origin-run-id``,
+        ``origin-task-id`` and ``origin-attempt`` for a task a resume cloned, and the backend
+        handle's fields (``pid``, ... ; a Batch job's id). Then what ``set_metadata`` stored.
+        """
+        found: list[Metadata] = []
+
+        def add(name: str, value: object, at: float | None, kind: str) -> None:
+            found.append(Metadata(name, str(value), int(at * 1000) if at is not None else None, kind, self))
+
+        info = self._info()
+        for attempt in info.attempts:
+            if attempt.number > self.current_attempt:
+                break
+            at = attempt.started_at
+            add("attempt", attempt.number, at, "attempt")
+            if attempt.status in FINAL_STATUSES:
+                add("attempt_ok", attempt.status == "ok", attempt.finished_at or at, "internal_attempt_status")
+            if attempt.exit_code is not None:
+                add("exit_code", attempt.exit_code, attempt.finished_at or at, "exit_code")
+            if attempt.message:
+                add("attempt_message", attempt.message, attempt.finished_at or at, "attempt_message")
+            clone = attempt.clone_of
+            if clone is not None:
+                add("origin-run-id", clone[0], at, "origin-run-id")
+                add("origin-task-id", self.id, at, "origin-task-id")
+                add("origin-attempt", clone[1], at, "origin-attempt")
+            for name, value in (attempt.handle or {}).items():
+                if name not in CLONE_FIELDS and value is not None:
+                    add(name, value, at, "backend")
+        created = info.created_at if info.created_at is not None else info.started_at
+        for name, value in sorted(_call(self._reader.task_metadata(*self._key())).items()):
+            add(name, value, created, "metadata")
+        return found
+
+    @property
+    def metadata_dict(self) -> dict[str, str]:
+        """The metadata as ``{name: value}``, the latest value of each name."""
+        return {m.name: m.value for m in self.metadata}
 
     # ----------------------------------------------------------------- artifacts
     def _artifacts(self) -> dict[str, DataArtifact]:
@@ -799,7 +1011,10 @@ class Task(MetaflowObject):
             return self._artifact_cache
         outcome = self._outcome()
         found = {name: DataArtifact._param(self, name, value) for name, value in self._run._params().items()}
-        for name, ref in (outcome.artifacts if outcome else {}).items():
+        refs = outcome.artifacts if outcome else {}
+        if refs is None:
+            refs = _call(self._reader.artifacts(*self._key(), self.current_attempt))
+        for name, ref in refs.items():
             found[name] = DataArtifact._stored(self, name, ref)
         artifacts = dict(sorted(found.items()))
         if outcome is not None:

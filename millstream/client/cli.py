@@ -18,6 +18,7 @@ import click
 
 import millstream
 from millstream.client.console import cli_errors, table
+from millstream.client.dumpcmd import dump_command, tag_group
 from millstream.client.flowcli import (
     CliState,
     check_flow,
@@ -259,6 +260,8 @@ def config_show(state: CliState) -> None:
 
 
 cli.add_command(schedule_group)
+cli.add_command(dump_command())
+cli.add_command(tag_group())
 
 
 @cli.command("metadata-service", context_settings={"ignore_unknown_options": True, "allow_extra_args": True},

@@ -1,11 +1,16 @@
-"""What the notebook Client API reads, and the reader that finds it in the datastore.
+"""What the notebook Client API reads, and the reader that finds it in the datastore alone.
 
 :class:`RunReader` is the port :mod:`millstream.client.api` depends on: a handful of
-async questions about flows, runs, tasks and attempts. :class:`DatastoreView` answers
-them from the object store alone, until the metadata store can answer the listing
-questions faster; a reader over it only has to implement the same protocol.
+async questions about flows, runs, tasks and attempts, plus the two tag changes. Two
+readers answer them:
 
-Where each answer comes from, and what it costs:
+- :class:`~millstream.client.metadata_view.MetadataView`, the default whenever a
+  metadata store is configured and exists: runs, tasks, attempts, tags and the artifact
+  index from the metadata store, bytes (artifacts, done markers, logs) from the datastore.
+- :class:`DatastoreView`, for a datastore without a metadata store (a notebook pointed
+  only at a datastore): everything from the object store, tags read-only.
+
+Where :class:`DatastoreView` finds each answer, and what it costs:
 
 ======================  ==================================================  ==============
 question                source                                              cost
@@ -19,7 +24,7 @@ an attempt's outcome    ``.../<attempt>/done.json``                         one 
 logs, artifacts         ``.../<attempt>/stdout``, ``<flow>/data/...``       one get each
 ======================  ==================================================  ==============
 
-So iterating a flow's runs costs one listing plus one small read per run visited,
+So a page of a flow's runs costs one listing plus one small read per run visited,
 never anything per task. A run without a daemon summary (its daemon died between
 storing the submission and the summary) is still reachable by its pathspec, but not
 listed. Run ids are ordered newest first by number, since the daemon allocates them
@@ -28,37 +33,46 @@ monotonically per flow; ids that are not numbers come after, in reverse text ord
 The Client API is synchronous: :func:`run_sync` runs a reader's coroutines on one
 private event loop, on the calling thread when that runs no loop, else (inside
 Jupyter, whose loop is running) on a helper thread, so a call never nests in the
-caller's loop. One loop for the whole process keeps loop-bound clients (aiobotocore's)
-valid across calls.
+caller's loop. One loop for the whole process keeps loop-bound clients (aiobotocore's,
+aiohttp's, aiosqlite's) valid across calls; :func:`close_readers` closes them, and runs
+by itself at interpreter exit before non-daemon threads (aiosqlite's) are waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, ArtifactStore
 from millstream.datastore.records import AttemptKey, decode_record, list_attempts, read_done
 from millstream.datastore.storage import ObjectStore
-from millstream.errors import DatastoreError, NotFound
+from millstream.errors import DatastoreError, MetadataError, NotFound
+
+if TYPE_CHECKING:
+    from millstream.config.settings import Settings
 
 T = TypeVar("T")
 
 CHECKPOINT_VERSION = 1
+FINAL_STATUSES = frozenset({"ok", "failed", "cancelled"})
 
 # The scheduler's transient states read as "running", as in the daemon's run summaries.
 _STATUS = {"failing": "running", "cancelling": "running"}
+# Handle fields a resume writes into a cloned attempt's handle.
+CLONE_FIELDS = ("cloned_from", "origin_run_id", "origin_attempt")
 
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
-    """A run's submission: who started it, when, with which tags."""
+    """A run: who started it, when, with which tags; status and parameters when the reader knows them."""
 
     flow: str
     run_id: str
@@ -66,23 +80,68 @@ class RunRecord:
     created_at: float | None
     tags: tuple[str, ...] = ()
     origin_run_id: str | None = None
+    system_tags: tuple[str, ...] | None = None  # None: the reader keeps none (``user:<owner>`` is implied)
+    status: str | None = None  # None: ask RunReader.progress
+    message: str | None = None
+    finished_at: float | None = None
+    params: Mapping[str, Any] | None = None  # None: ask RunReader.params
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """One page of a listing; pass ``next_cursor`` back for the next (None: the last)."""
+
+    items: list[RunRecord]
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """One attempt of a task as recorded: its status, times, exit code and backend handle."""
+
+    number: int
+    status: str = "unknown"  # unknown: the reader only knows that the attempt started
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    message: str | None = None
+    handle: Mapping[str, Any] | None = None
+
+    @property
+    def clone_of(self) -> tuple[str, int] | None:
+        """``(origin run id, origin attempt)`` when a resume cloned this attempt."""
+        handle = self.handle or {}
+        if not handle.get("cloned_from"):
+            return None
+        return str(handle["origin_run_id"]), int(handle["origin_attempt"])
 
 
 @dataclass(frozen=True, slots=True)
 class TaskEntry:
-    """One task of a run as the scheduler last recorded it."""
+    """One task of a run: where it sits in the graph, and its attempts in order."""
 
     step: str
     task_id: str
-    index: tuple[int, ...]
+    index: tuple[int, ...] | None  # foreach indices, outermost first; None: not known to this reader
     status: str
-    attempts: int
-    started_at: float | None
+    attempts: tuple[AttemptEntry, ...]
+    parents: tuple[str, ...] | None = ()  # "step/task_id"; None: not known to this reader
+    origin: str | None = None  # "flow/run/step/task" of the task a resume cloned
+    created_at: float | None = None
+
+    @property
+    def started_at(self) -> float | None:
+        """When the first attempt started."""
+        return self.attempts[0].started_at if self.attempts else None
+
+    def attempt(self, number: int) -> AttemptEntry | None:
+        """The attempt numbered ``number``, if it was recorded."""
+        return next((a for a in self.attempts if a.number == number), None)
 
 
 @dataclass(frozen=True, slots=True)
 class RunProgress:
-    """A run's scheduler state: its status and its tasks, in the order they were created."""
+    """A run's status and its tasks, in the order they were created."""
 
     status: str
     message: str | None
@@ -91,7 +150,7 @@ class RunProgress:
     @property
     def finished(self) -> bool:
         """True once the run has an end state, so this answer can no longer change."""
-        return self.status in ("ok", "failed", "cancelled")
+        return self.status in FINAL_STATUSES
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +167,10 @@ class TaskFailure:
 
 @dataclass(frozen=True, slots=True)
 class AttemptOutcome:
-    """An attempt's done marker: how it ended and what it stored."""
+    """How an attempt ended; its artifacts when the reader had them at hand (None: ask for them)."""
 
     status: str
-    artifacts: dict[str, ArtifactRef] = field(default_factory=dict)
+    artifacts: Mapping[str, ArtifactRef] | None = None
     foreach_stack: tuple[dict[str, Any], ...] = ()
     exception: TaskFailure | None = None
     started_at: float | None = None
@@ -121,33 +180,39 @@ class AttemptOutcome:
 class RunReader(Protocol):
     """The questions the Client API asks; every answer for a missing object is None or empty."""
 
-    async def runs_by_flow(self) -> dict[str, list[str]]:
-        """Every flow with at least one listed run, with its run ids newest first."""
+    async def flows(self) -> list[str]:
+        """Every flow with at least one listed run, sorted."""
         ...
 
-    async def run_ids(self, flow: str) -> list[str]:
-        """Ids of a flow's listed runs, newest first."""
+    async def list_runs(self, flow: str, *, tags: Sequence[str] = (), limit: int = 100,
+                        cursor: str | None = None) -> RunPage:
+        """A flow's runs that have every one of ``tags`` (user or system), newest first, a page at a time."""
         ...
 
     async def run(self, flow: str, run_id: str) -> RunRecord | None:
-        """A run's submission record."""
+        """One run."""
         ...
 
     async def progress(self, flow: str, run_id: str) -> RunProgress | None:
-        """A run's scheduler state, None before the first checkpoint."""
+        """A run's status and tasks, None before anything was recorded."""
         ...
 
     async def params(self, flow: str, run_id: str) -> dict[str, Any]:
         """A run's parameter values, in their JSON form."""
         ...
 
-    async def attempts(self, flow: str, run_id: str, step: str, task_id: str) -> list[int]:
-        """Numbers of a task's attempts that left a record, sorted."""
+    async def task(self, flow: str, run_id: str, step: str, task_id: str) -> TaskEntry | None:
+        """One task, None before any attempt of it started."""
         ...
 
     async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
                       attempt: int) -> AttemptOutcome | None:
         """An attempt's outcome, None while it runs."""
+        ...
+
+    async def artifacts(self, flow: str, run_id: str, step: str, task_id: str,
+                        attempt: int) -> dict[str, ArtifactRef]:
+        """The artifacts an attempt stored, by name."""
         ...
 
     async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
@@ -159,9 +224,21 @@ class RunReader(Protocol):
         """The unpickled artifact with id ``sha``."""
         ...
 
+    async def task_metadata(self, flow: str, run_id: str, step: str, task_id: str) -> dict[str, str]:
+        """A task's free-form metadata fields."""
+        ...
+
+    async def add_tags(self, flow: str, run_id: str, tags: Sequence[str]) -> RunRecord:
+        """Add user tags; the run as it is now. MetadataError if tags cannot change here."""
+        ...
+
+    async def remove_tags(self, flow: str, run_id: str, tags: Sequence[str]) -> RunRecord:
+        """Remove user tags; the run as it is now. MetadataError if tags cannot change here."""
+        ...
+
 
 class DatastoreView:
-    """A :class:`RunReader` over an :class:`ObjectStore` and its layout."""
+    """A :class:`RunReader` over an :class:`ObjectStore` and its layout (tags read-only)."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
@@ -170,17 +247,26 @@ class DatastoreView:
     def __repr__(self) -> str:
         return f"DatastoreView({self.store!r})"
 
-    async def runs_by_flow(self) -> dict[str, list[str]]:
-        """Every flow some daemon summarised a run of, by name, with its run ids newest first."""
-        by_flow: dict[str, set[str]] = {}
-        for flow, run_id in await self._summarised():
-            by_flow.setdefault(flow, set()).add(run_id)
-        return {flow: _newest_first(ids) for flow, ids in sorted(by_flow.items())}
+    async def close(self) -> None:
+        """Nothing to release: the object store belongs to whoever made it."""
 
-    async def run_ids(self, flow: str) -> list[str]:
-        """A flow's summarised runs, newest first."""
+    async def flows(self) -> list[str]:
+        """Every flow some daemon summarised a run of."""
+        return sorted({flow for flow, _ in await self._summarised()})
+
+    async def list_runs(self, flow: str, *, tags: Sequence[str] = (), limit: int = 100,
+                        cursor: str | None = None) -> RunPage:
+        """A page of the summarised runs that have ``tags``; the cursor is the position to go on from."""
         layout.check_flow(flow)
-        return _newest_first({run_id for name, run_id in await self._summarised() if name == flow})
+        ids = _newest_first({run_id for name, run_id in await self._summarised() if name == flow})
+        position = int(cursor) if cursor and cursor.isdigit() else 0
+        found: list[RunRecord] = []
+        while position < len(ids) and len(found) < limit:
+            record = await self.run(flow, ids[position])
+            position += 1
+            if record is not None and set(tags) <= {*record.tags, f"user:{record.owner}"}:
+                found.append(record)
+        return RunPage(found, str(position) if position < len(ids) else None)
 
     async def run(self, flow: str, run_id: str) -> RunRecord | None:
         """The run's ``run.json``, reduced to what the client shows."""
@@ -207,7 +293,7 @@ class DatastoreView:
             raise DatastoreError(f"checkpoint {key} has version {state.get('version')!r}; "
                                  f"this client reads version {CHECKPOINT_VERSION}")
         try:
-            tasks = tuple(_task_entry(t) for t in state.get("tasks", {}).values())
+            tasks = tuple(_task_entry(flow, t) for t in state.get("tasks", {}).values())
         except (KeyError, TypeError, ValueError) as exc:
             raise DatastoreError(f"corrupt checkpoint {key}: {exc!r}") from exc
         status = str(state.get("status", "running"))
@@ -217,35 +303,55 @@ class DatastoreView:
         """The run's ``params.json``; empty if it has none."""
         return await self._read(layout.params_key(flow, run_id)) or {}
 
-    async def attempts(self, flow: str, run_id: str, step: str, task_id: str) -> list[int]:
-        """Attempt numbers found under the task's folder (a task cloned by a resume has one, 0)."""
+    async def task(self, flow: str, run_id: str, step: str, task_id: str) -> TaskEntry | None:
+        """The attempts found under the task's folder (a task cloned by a resume has one, 0)."""
         found = await list_attempts(self.store, flow, run_id, step, task_id)
-        if not found and await self._clone_of(flow, run_id, step, task_id) is not None:
-            return [0]
+        if found:
+            return TaskEntry(step, task_id, None, "unknown", tuple(AttemptEntry(n) for n in found), parents=None)
+        origin = await self._clone_of(flow, run_id, step, task_id)
+        if origin is None:
+            return None
+        handle = {"cloned_from": f"{origin.pathspec}/{origin.attempt}", "origin_run_id": origin.run,
+                  "origin_attempt": origin.attempt}
+        return TaskEntry(step, task_id, None, "ok", (AttemptEntry(0, "ok", handle=handle),), parents=None,
+                         origin=f"{flow}/{origin.run}/{step}/{task_id}")
+
+    async def clones(self, flow: str, run_id: str) -> dict[str, AttemptKey]:
+        """``step/task_id`` -> the origin attempt, for every task a resumed run cloned."""
+        index = await self._read(f"{layout.run_prefix(flow, run_id)}{layout.RUN_DIR}/clones.json")
+        found = {}
+        for key, entry in (index or {}).items():
+            step, _, task_id = key.partition("/")
+            found[key] = AttemptKey(flow, str(entry["run_id"]), step, task_id, int(entry["attempt"]))
         return found
 
     async def _clone_of(self, flow: str, run_id: str, step: str, task_id: str) -> AttemptKey | None:
         """The origin attempt a resumed run cloned this task from, if it did."""
-        index = await self._read(f"{layout.run_prefix(flow, run_id)}{layout.RUN_DIR}/clones.json")
-        entry = (index or {}).get(f"{step}/{task_id}")
-        if entry is None:
-            return None
-        return AttemptKey(flow, str(entry["run_id"]), step, task_id, int(entry["attempt"]))
+        return (await self.clones(flow, run_id)).get(f"{step}/{task_id}")
 
     async def outcome(self, flow: str, run_id: str, step: str, task_id: str,
                       attempt: int) -> AttemptOutcome | None:
         """The attempt's ``done.json`` (for a cloned task, the origin's), parsed."""
-        key = AttemptKey(flow, run_id, step, task_id, attempt)
+        outcome = await self.outcome_at(AttemptKey(flow, run_id, step, task_id, attempt))
+        if outcome is None and attempt == 0 and (origin := await self._clone_of(flow, run_id, step, task_id)):
+            outcome = await self.outcome_at(origin)
+        return outcome
+
+    async def outcome_at(self, key: AttemptKey) -> AttemptOutcome | None:
+        """The done marker of the attempt at ``key``, parsed; None if it has none."""
         done = await read_done(self.store, key)
-        if done is None and attempt == 0 and (origin := await self._clone_of(flow, run_id, step, task_id)):
-            key = origin
-            done = await read_done(self.store, key)
         if done is None:
             return None
         try:
             return _outcome(done)
         except (KeyError, TypeError, ValueError, DatastoreError) as exc:
             raise DatastoreError(f"corrupt done marker {key.done_key}: {exc}") from exc
+
+    async def artifacts(self, flow: str, run_id: str, step: str, task_id: str,
+                        attempt: int) -> dict[str, ArtifactRef]:
+        """The artifacts the attempt's done marker lists."""
+        outcome = await self.outcome(flow, run_id, step, task_id, attempt)
+        return dict(outcome.artifacts or {}) if outcome else {}
 
     async def log(self, flow: str, run_id: str, step: str, task_id: str, attempt: int,
                   stream: str) -> bytes:
@@ -255,13 +361,20 @@ class DatastoreView:
         key = AttemptKey(flow, run_id, step, task_id, attempt)
         origin = await self._clone_of(flow, run_id, step, task_id) if attempt == 0 else None
         for candidate in (key, origin):
-            if candidate is None:
-                continue
-            try:
-                return await self.store.get(candidate.stdout_key if stream == layout.STDOUT else candidate.stderr_key)
-            except NotFound:
-                continue
+            if candidate is not None:
+                with contextlib.suppress(NotFound):
+                    return await self.store.get(candidate.stdout_key if stream == layout.STDOUT
+                                                else candidate.stderr_key)
         return b""
+
+    async def log_at(self, key: AttemptKey, stream: str) -> bytes:
+        """The log of the attempt at ``key``; empty if none was stored."""
+        if stream not in (layout.STDOUT, layout.STDERR):
+            raise ValueError(f"stream must be 'stdout' or 'stderr', not {stream!r}")
+        try:
+            return await self.store.get(key.stdout_key if stream == layout.STDOUT else key.stderr_key)
+        except NotFound:
+            return b""
 
     async def artifact(self, flow: str, sha: str) -> Any:
         """Load, verify and unpickle one artifact."""
@@ -269,6 +382,18 @@ class DatastoreView:
         if store is None:
             store = self._artifact_stores[flow] = ArtifactStore(self.store, flow)
         return await store.load(sha)
+
+    async def task_metadata(self, flow: str, run_id: str, step: str, task_id: str) -> dict[str, str]:
+        """None are kept without a metadata store."""
+        return {}
+
+    async def add_tags(self, flow: str, run_id: str, tags: Sequence[str]) -> RunRecord:
+        """Refused: tags change in the metadata store, and this reader has none."""
+        raise _no_metadata(flow, run_id)
+
+    async def remove_tags(self, flow: str, run_id: str, tags: Sequence[str]) -> RunRecord:
+        """Refused: tags change in the metadata store, and this reader has none."""
+        raise _no_metadata(flow, run_id)
 
     async def _summarised(self) -> set[tuple[str, str]]:
         """``(flow, run_id)`` of every summary of every daemon sharing this datastore."""
@@ -289,17 +414,27 @@ class DatastoreView:
         return decode_record(data, key)
 
 
+def _no_metadata(flow: str, run_id: str) -> MetadataError:
+    return MetadataError(f"cannot change the tags of {flow}/{run_id}: tags live in the metadata store, "
+                         "and this client reads only a datastore (configure metadata.path or metadata.url)")
+
+
 def _newest_first(ids: set[str]) -> list[str]:
     numbers = sorted((i for i in ids if i.isdigit()), key=int, reverse=True)
     return numbers + sorted((i for i in ids if not i.isdigit()), reverse=True)
 
 
-def _task_entry(task: dict[str, Any]) -> TaskEntry:
-    attempts = task.get("attempts") or []
-    started = attempts[0].get("started_at") if attempts else None
+def _task_entry(flow: str, task: dict[str, Any]) -> TaskEntry:
+    attempts = tuple(
+        AttemptEntry(number=int(a.get("number", n)), status=str(a.get("status", "unknown")),
+                     started_at=a.get("started_at"), finished_at=a.get("finished_at"),
+                     exit_code=a.get("exit_code"), message=a.get("message"), handle=a.get("handle"))
+        for n, a in enumerate(task.get("attempts") or ()))
+    clone = attempts[-1].clone_of if attempts else None
     return TaskEntry(step=str(task["step"]), task_id=str(task["task_id"]),
                      index=tuple(int(i) for i in task.get("index") or ()), status=str(task.get("status")),
-                     attempts=len(attempts), started_at=float(started) if started is not None else None)
+                     attempts=attempts, parents=tuple(f"{s}/{t}" for s, t in task.get("parents") or ()),
+                     origin=f"{flow}/{clone[0]}/{task['step']}/{task['task_id']}" if clone else None)
 
 
 def _outcome(done: dict[str, Any]) -> AttemptOutcome:
@@ -372,21 +507,69 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     return _bridge.run(coro)
 
 
-_readers: dict[tuple[str, str, bool], DatastoreView] = {}
+# ----------------------------------------------------------------- the configured reader
+
+
+class _Closable(RunReader, Protocol):
+    async def close(self) -> None: ...
+
+
+_readers: dict[tuple[Any, ...], _Closable] = {}
 _readers_lock = threading.Lock()
 
 
 def configured_reader(env: Mapping[str, str]) -> RunReader:
-    """The reader of the datastore the settings name; one per datastore, reused."""
+    """The reader the settings in ``env`` name (see :func:`reader_for`)."""
     from millstream.config.settings import load_settings
+
+    return reader_for(load_settings(env))
+
+
+def reader_for(settings: Settings) -> RunReader:
+    """The reader of the configured datastore and metadata store; one per configuration, reused.
+
+    A :class:`~millstream.client.metadata_view.MetadataView` when a metadata store is
+    configured and exists (the service always; an SQLite file once a daemon made it), else
+    a :class:`DatastoreView` of the datastore alone.
+    """
     from millstream.datastore.backends import open_store
 
-    ds = load_settings(env).datastore
-    key = (ds.type, ds.root, ds.durable)
+    ds, meta = settings.datastore, settings.metadata
+    with_metadata = meta.type == "service" or Path(meta.path).is_file()
+    key = (ds.type, ds.root, ds.durable, with_metadata, meta.type, meta.path, meta.url, meta.api_key,
+           meta.api_key_file)
     with _readers_lock:
         reader = _readers.get(key)
         if reader is None:
             # inline: the private loop has nothing else to run while one read blocks it.
             store = open_store({"type": ds.type, "root": ds.root, "durable": ds.durable, "inline": True})
-            reader = _readers[key] = DatastoreView(store)
+            view = DatastoreView(store)
+            reader = view
+            if with_metadata:
+                from millstream.client.metadata_view import MetadataView
+                from millstream.metadata.backends import metadata_store
+
+                reader = MetadataView(metadata_store(meta), view)
+            _readers[key] = reader
     return reader
+
+
+def close_readers() -> None:
+    """Close and forget every configured reader (the next call opens new ones)."""
+    with _readers_lock:
+        readers = list(_readers.values())
+        _readers.clear()
+    for reader in readers:
+        run_sync(reader.close())
+
+
+def _close_at_exit() -> None:
+    # A store that cannot close cleanly (a service gone away) must not turn exit into a traceback.
+    with contextlib.suppress(Exception):
+        close_readers()
+
+
+# At exit, before the interpreter waits for non-daemon threads such as aiosqlite's worker
+# (plain atexit handlers run after that wait, which would never end).
+_register = getattr(threading, "_register_atexit", atexit.register)
+_register(_close_at_exit)

@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from millstream.client.console import cli_errors
+from millstream.client.dumpcmd import dump_command, tag_group
 from millstream.client.graphview import SHOW_FORMATS, check_report, format_problems, render_graph
 from millstream.client.loader import flow_file
 from millstream.client.pathspec import Pathspec, parse_pathspec
@@ -264,6 +265,8 @@ def make_flow_cli(flow_cls: type) -> click.Group:
 
     cli.add_command(make_run_command(flow_cls))
     cli.add_command(make_resume_command(flow_cls))
+    cli.add_command(dump_command(flow_cls.__name__))
+    cli.add_command(tag_group(flow_cls.__name__))
     return cli
 
 

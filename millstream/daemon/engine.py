@@ -645,7 +645,9 @@ class Engine:
 
     # ----------------------------------------------------------------- metadata
     def _record_tasks(self, run: Run, keys: list[str]) -> None:
-        record_tasks(self.recorder, run.flow, run.run_id, [run.state.tasks[k] for k in keys])
+        # A task a resume will clone is recorded once, with its origin, by _record_clone.
+        tasks = [run.state.tasks[k] for k in keys]
+        record_tasks(self.recorder, run.flow, run.run_id, [t for t in tasks if resume.clone_source(run.state, t) is None])
 
     def _record_clone(self, run: Run, task: sch.Task, origin_pathspec: str) -> None:
         record_clone(self.recorder, run.flow, run.run_id, task, origin_pathspec)

@@ -155,7 +155,7 @@ def record_attempt(
         handle=attempt.handle,
     )
     artifacts = [
-        ArtifactRecord(name=name, sha=ref["sha"], size=int(ref.get("size", 0)), type_name=str(ref.get("type_name", "")))
+        ArtifactRecord(name=name, sha=ref["sha"], size=int(ref.get("size", 0)), type_name=str(ref.get("type", "")))
         for name, ref in sorted(((done or {}).get("artifacts") or {}).items())
     ]
 
