@@ -115,7 +115,7 @@ def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
-    elif kind is int and not isinstance(value, bool):
+    elif kind is int and not isinstance(value, bool | float):
         try:
             return int(value)
         except (TypeError, ValueError):
@@ -148,7 +148,8 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, A
     sources: dict[str, str] = {}
     files = [Path("/etc/millstream/config.toml")]
     xdg_config = Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")).expanduser() / ".config")
-    files.append(Path(env["MILLSTREAM_CONFIG"]) if env.get("MILLSTREAM_CONFIG") else xdg_config / "millstream/config.toml")
+    user_file = env.get("MILLSTREAM_CONFIG")
+    files.append(Path(user_file) if user_file else xdg_config / "millstream/config.toml")
     for path in files:
         if path.is_file():
             try:

@@ -16,17 +16,21 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 import millstream
+from millstream.daemon import cron, metrics
 from millstream.daemon import scheduler as sch
 from millstream.daemon.engine import Engine, Run
 from millstream.daemon.openapi import OPENAPI
 from millstream.daemon.schedules import Schedule
 from millstream.datastore import layout
+from millstream.datastore.package import MAX_UNPACKED_PACKAGE_BYTES, gunzipped_size_within, store_package
 from millstream.datastore.records import AttemptKey
 from millstream.errors import (
     DatastoreError,
@@ -39,7 +43,10 @@ from millstream.errors import (
 from millstream.metadata.model import RunRecord
 
 ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", CollectorRegistry)
 MAX_PAGE = 500
+# Set on a request once its streamed response has started (see errors_middleware).
+STREAMING = web.RequestKey("streaming", bool)
 
 
 class ApiFailure(Exception):
@@ -82,6 +89,10 @@ async def errors_middleware(
         raise
     except Exception as exc:  # a bug: say so, keep serving
         request.app.logger.exception("request_failed")
+        if request.get(STREAMING):
+            # The status line is sent: a JSON error now would be spliced into the stream.
+            # Re-raised, aiohttp closes the connection, which the client sees as truncation.
+            raise
         return _error(500, "internal", f"{type(exc).__name__}: {exc}")
 
 
@@ -215,6 +226,12 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """The daemon's metrics in the Prometheus text format (see :mod:`millstream.daemon.metrics`)."""
+    body = metrics.exposition(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE_LATEST})
+
+
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI document of this API."""
     return web.json_response(OPENAPI)
@@ -233,8 +250,13 @@ async def put_package(request: web.Request) -> web.Response:
     data = await request.read()
     if hashlib.sha256(data).hexdigest() != sha:
         raise ApiFailure(400, "sha_mismatch", "the body's sha256 is not the one in the path")
-    from millstream.datastore.package import store_package
-
+    if not await asyncio.to_thread(gunzipped_size_within, data, MAX_UNPACKED_PACKAGE_BYTES):
+        raise ApiFailure(
+            413,
+            "too_large",
+            f"the code package inflates to more than {MAX_UNPACKED_PACKAGE_BYTES >> 20} MiB: "
+            "it is not a package millstream builds (a decompression bomb?)",
+        )
     await store_package(request.app[ENGINE].store, sha, data)
     return web.json_response({"sha": sha}, status=201)
 
@@ -264,6 +286,10 @@ async def submit_run(request: web.Request) -> web.Response:
     env = _field(body, "env", dict, required=False) or {}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ApiFailure(400, "wrong_type", "env must map strings to strings")
+    for k, v in env.items():
+        # What execve cannot take would fail the launch, not the request.
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ApiFailure(400, "bad_env", f"env: {k!r} is not a usable variable (empty, '=' or NUL)")
     options = _field(body, "options", dict, required=False) or {}
     for key, lo, hi in (("max_workers", 1, 10_000), ("max_num_splits", 1, 1_000_000)):
         if key in options and (
@@ -417,6 +443,7 @@ async def _ndjson(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
+    request[STREAMING] = True
     return resp
 
 
@@ -459,14 +486,17 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)
+    request[STREAMING] = True
     attempt = task.attempts[attempt_no]
     while True:
         running = attempt.status == sch.RUNNING
         data = b""
         if local_path.exists():
             with open(local_path, "rb") as f:
-                f.seek(offset)
-                data = f.read(1 << 20)
+                # Past the end there is nothing yet; seeking there may be EINVAL (huge offsets).
+                if offset < os.fstat(f.fileno()).st_size:
+                    f.seek(offset)
+                    data = f.read(1 << 20)
         elif not running:
             key = akey.stdout_key if stream == "stdout" else akey.stderr_key
             try:
@@ -524,6 +554,13 @@ async def create_schedule(request: web.Request) -> web.Response:
         catchup=_field(body, "catchup", str, required=False) or "latest",
         triggers=list(triggers),
     )
+    if schedule.cron:
+        # A valid expression may still never fire (0 0 30 2 *): refuse it before it is
+        # saved, since every later listing would have to compute its next instant.
+        try:
+            cron.next_instant(cron.validate(schedule.cron), schedule.timezone, datetime.fromtimestamp(time.time(), UTC))
+        except SchedulerError as exc:
+            raise ApiFailure(400, "bad_schedule", str(exc)) from None
     saved = await engine.schedules.put(schedule)
     return web.json_response(saved.to_dict(time.time()), status=201)
 
@@ -568,8 +605,10 @@ def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
     """The aiohttp application serving the API."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
     app[ENGINE] = engine
+    app[METRICS] = metrics.engine_registry(engine)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_route("HEAD", "/v1/packages/{sha}", head_package)
     app.router.add_put("/v1/packages/{sha}", put_package)
     app.router.add_post("/v1/runs", submit_run)

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from millstream.compute.base import ComputeBackend, LaunchRequest
-from millstream.daemon import resume
+from millstream.daemon import metrics, resume
 from millstream.daemon import scheduler as sch
 from millstream.daemon.checkpoint import Checkpointer, clones_key, dumps, run_record_key, summary_key
 from millstream.daemon.events import EventLog
@@ -480,6 +480,7 @@ class Engine:
     async def _attempt(self, run: Run, key: str) -> None:
         task = run.state.tasks[key]
         cpu, memory = self._demand(run.graph, task.step)
+        picked_at = time.monotonic()
         try:
             if run.recovered and await self._adopt_attempts(run, task):
                 return
@@ -509,6 +510,7 @@ class Engine:
                     self._finished(run, task, number, code, None, str(exc))
                     return
                 attempt = sch.attempt_started(run.state, key, handle, time.time())
+                metrics.observe_launch(time.monotonic() - picked_at)
                 self._started(run, task, attempt)
                 await self._watch(run, task, attempt, request.timeout_s)
             finally:
@@ -647,7 +649,8 @@ class Engine:
     def _record_tasks(self, run: Run, keys: list[str]) -> None:
         # A task a resume will clone is recorded once, with its origin, by _record_clone.
         tasks = [run.state.tasks[k] for k in keys]
-        record_tasks(self.recorder, run.flow, run.run_id, [t for t in tasks if resume.clone_source(run.state, t) is None])
+        fresh = [t for t in tasks if resume.clone_source(run.state, t) is None]
+        record_tasks(self.recorder, run.flow, run.run_id, fresh)
 
     def _record_clone(self, run: Run, task: sch.Task, origin_pathspec: str) -> None:
         record_clone(self.recorder, run.flow, run.run_id, task, origin_pathspec)

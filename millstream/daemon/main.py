@@ -1,9 +1,13 @@
 """``millstream daemon``: the scheduler process, in the foreground.
 
 ``asyncio.run`` owns the loop; SIGTERM and SIGINT only set the stop event. Shutdown
-is ordered and bounded: stop intake, stop watching attempts (they keep running in
-their own sessions), write the last checkpoint, close the socket, exit 0. A daemon
-started later takes the runs back.
+is ordered and bounded: tell systemd ``STOPPING=1``, stop intake, stop watching
+attempts (they keep running in their own sessions), write the last checkpoint, close
+the socket, exit 0. A daemon started later takes the runs back.
+
+Under systemd the socket comes from ``millstream.socket`` (socket activation) and
+readiness is reported with ``READY=1`` once the socket serves; see
+:mod:`millstream.daemon.systemd` and ``systemd/README.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import structlog
@@ -23,6 +28,7 @@ from aiohttp import web
 
 from millstream.compute.local import LocalBackend
 from millstream.config.settings import Settings
+from millstream.daemon import metrics, systemd
 from millstream.daemon.api import make_app
 from millstream.daemon.engine import Engine
 from millstream.daemon.resources import ResourcePool, host_memory_mb
@@ -55,16 +61,34 @@ def _socket_in_use(path: str) -> bool:
         return True
 
 
-async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+async def serve(
+    settings: Settings,
+    *,
+    ready: asyncio.Event | None = None,
+    environ: MutableMapping[str, str] | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code.
+
+    Under systemd (``millstream.socket`` + ``Type=notify``) the listening socket is
+    inherited and readiness is reported; otherwise the daemon binds its own socket.
+    ``environ`` (default ``os.environ``) loses the systemd variables once read.
+    """
     log = structlog.get_logger("millstream.daemon")
+    env = os.environ if environ is None else environ
+    # Read first, before anything can start a child process.
+    notifier = systemd.Notifier(env)
+    inherited = systemd.unix_listener(systemd.listen_fds(env))
     sock_path = settings.daemon.socket
-    if _socket_in_use(sock_path):
-        log.error("socket_in_use", socket=sock_path)
-        return 1
-    Path(sock_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(sock_path)
+    if inherited is not None:
+        name = inherited.getsockname()
+        sock_path = name if isinstance(name, str) and name else sock_path
+    else:
+        if _socket_in_use(sock_path):
+            log.error("socket_in_use", socket=sock_path)
+            return 1
+        Path(sock_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock_path)
     state_dir = Path(settings.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     # Everything a task process needs to open the same store (JSON; no credentials).
@@ -103,9 +127,18 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         app, access_log=None, handle_signals=False, shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s)
     )
     await runner.setup()
-    site = web.UnixSite(runner, sock_path)
-    await site.start()
-    os.chmod(sock_path, 0o600)
+    site: web.BaseSite
+    if inherited is not None:
+        # systemd made the socket (owner, group, SocketMode) and keeps a copy of it
+        # open, so requests arriving during a restart wait in its backlog.
+        site = web.SockSite(runner, inherited)
+        await site.start()
+    else:
+        site = web.UnixSite(runner, sock_path)
+        await site.start()
+        os.chmod(sock_path, 0o600)
+    probe = metrics.LoopLagProbe()
+    probe.start(loop)
     log.info(
         "daemon_ready",
         socket=sock_path,
@@ -113,7 +146,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
         datastore=settings.datastore.root,
         slots=pool.slots,
         cpus=pool.cpus,
+        socket_activated=inherited is not None,
     )
+    active = sum(1 for r in engine.runs.values() if not r.state.finished)
+    notifier.ready(f"serving on {sock_path}; {active} active runs")
     if ready is not None:
         ready.set()
 
@@ -126,6 +162,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
     retirer = asyncio.create_task(retire_zygotes())
     await stop.wait()
     log.info("daemon_stopping")
+    notifier.stopping("stopping: writing the last checkpoint; attempts keep running")
+    probe.stop()
     engine.accepting = False
     await engine.shutdown(settings.daemon.shutdown_timeout_s)
     retirer.cancel()
@@ -140,4 +178,4 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> in
 def run_daemon(settings: Settings) -> int:
     """Entry point of ``millstream daemon``."""
     configure_logging()
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, environ=os.environ))

@@ -21,6 +21,9 @@ _RUN_PATH = [
 ]
 
 
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 def _json(ref: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
 
@@ -139,6 +142,49 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Cancel a run (its owner only)",
                 "responses": {"202": {"description": "cancelling"}, "403": _ERROR, "404": _ERROR, "409": _ERROR},
             },
+        },
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
+        "/v1/schedules": {
+            "get": {"summary": "Every schedule", "responses": {"200": {"description": "schedules"}}},
+            "post": {
+                "summary": "Save a schedule",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["submission"],
+                                "properties": {
+                                    "submission": {"$ref": "#/components/schemas/Submission"},
+                                    "name": {"type": "string"},
+                                    "cron": {"type": "string"},
+                                    "timezone": {"type": "string"},
+                                    "catchup": {"type": "string", "enum": ["latest", "all", "none"]},
+                                    "triggers": {"type": "array", "items": {"type": "string"}},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"201": {"description": "saved"}, "400": _ERROR, "403": _ERROR, "409": _ERROR},
+            },
+        },
+        "/v1/schedules/{name}/{action}": {
+            "parameters": [
+                _NAME,
+                {
+                    "name": "action",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "enum": ["pause", "resume"]},
+                },
+            ],
+            "post": {"summary": "Pause or resume", "responses": {"200": {"description": "ok"}, "404": _ERROR}},
+        },
+        "/v1/schedules/{name}": {
+            "parameters": [_NAME],
+            "delete": {"summary": "Forget a schedule", "responses": {"200": {"description": "ok"}, "404": _ERROR}},
         },
     },
     "components": {

@@ -103,6 +103,10 @@ def build_package(flow_dir: Path, *, suffixes: Iterable[str] = DEFAULT_SUFFIXES,
 def extract_package(data: bytes, dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
                     ) -> list[str]:
     """Safely unpack a code package into ``dest`` and return the names written."""
+    # tarfile reads a pax header whole into memory: bound the inflated stream first.
+    if not gunzipped_size_within(data, max_bytes + TAR_OVERHEAD_BYTES):
+        raise DatastoreError(f"not a valid code package: it inflates to more than "
+                             f"{(max_bytes + TAR_OVERHEAD_BYTES) >> 20} MiB (a decompression bomb?)")
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
             members = _checked_members(tar, max_bytes)
@@ -111,6 +115,40 @@ def extract_package(data: bytes, dest: Path, *, max_bytes: int = DEFAULT_MAX_BYT
         raise DatastoreError(f"not a valid code package: {exc}") from exc
     except OSError as exc:
         raise DatastoreError(f"cannot extract code package into {dest}: {exc}") from exc
+
+
+# A code package's tar stream is its files plus headers and padding (at most this much
+# more); anything that inflates further is a decompression bomb.
+TAR_OVERHEAD_BYTES = 64 << 20
+MAX_UNPACKED_PACKAGE_BYTES = DEFAULT_MAX_BYTES + TAR_OVERHEAD_BYTES
+
+
+def gunzipped_size_within(data: bytes, limit: int) -> bool:
+    """Whether ``data`` (gzip, possibly several members) inflates to at most ``limit`` bytes.
+
+    Streams in bounded chunks and stops at the limit, so a bomb costs ``limit`` bytes of
+    inflation and no memory. Data that is not gzip counts as within: unpacking reports it.
+    """
+    total = 0
+    rest = data
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        pending = rest
+        try:
+            while pending:
+                total += len(inflater.decompress(pending, 1 << 20))
+                if total > limit:
+                    return False
+                pending = inflater.unconsumed_tail
+            total += len(inflater.flush())
+        except zlib.error:
+            return True
+        if total > limit:
+            return False
+        if not inflater.eof:
+            return True
+        rest = inflater.unused_data
+    return True
 
 
 async def store_package(store: ObjectStore, sha: str, data: bytes) -> bool:
