@@ -52,6 +52,13 @@ class DaemonSettings:
     max_body_mb: int = 64
     checkpoint_interval_s: float = 0.05
     shutdown_timeout_s: float = 5.0
+    # The shared host (docs/shared-host.md):
+    socket_group: str = ""  # "": the socket is 0600, for the daemon's user alone; else 0660 and this group
+    admin_group: str = ""  # members may cancel, resume and tag anyone's runs (root always may)
+    run_tasks_as: str = "owner"  # "owner" (when the daemon may switch uids) or "daemon"
+    tcp_listen: str = ""  # "127.0.0.1:8465": also serve HTTP on TCP, with bearer tokens
+    tokens_file: str = ""  # lines "TOKEN = USER"; must be mode 0600 (or stricter)
+    log_format: str = "auto"  # "json", "console", or "auto": JSON under systemd or when not a TTY
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,16 @@ def _with_local_defaults(settings: Settings, env: Mapping[str, str]) -> Settings
         raise ConfigError(f"metadata.type must be sqlite or service, got {meta.type!r}")
     if meta.type == "service" and not meta.url:
         raise ConfigError("metadata.type = service needs metadata.url")
+    for key, value, allowed in (
+        ("daemon.run_tasks_as", daemon.run_tasks_as, ("owner", "daemon")),
+        ("daemon.log_format", daemon.log_format, ("auto", "json", "console")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{settings.sources.get(key, 'default')}: {key} must be one of "
+                              f"{', '.join(allowed)}, got {value!r}")
+    if daemon.tcp_listen and not daemon.tokens_file:
+        raise ConfigError(f"{settings.sources.get('daemon.tcp_listen')}: daemon.tcp_listen needs "
+                          "daemon.tokens_file: the TCP listener only serves callers with a bearer token")
     if not ds.root:
         ds = replace(ds, root=str(data_home / "datastore"))
     if not meta.path:

@@ -275,7 +275,7 @@ class Engine:
         params = body.get("params", {})
         plan = None
         if options.get("resume") is not None:
-            plan, params = await self._plan_resume(flow, graph, options)
+            plan, params = await self._plan_resume(flow, graph, options, owner)
             options["origin_run_id"] = plan["run_id"]
         run_id = await self.allocate_run_id(
             flow,
@@ -315,16 +315,17 @@ class Engine:
         return run
 
     async def _plan_resume(
-        self, flow: str, graph: dict[str, Any], options: dict[str, Any]
+        self, flow: str, graph: dict[str, Any], options: dict[str, Any], owner: str
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         import json
 
         spec = options["resume"] if isinstance(options["resume"], dict) else {}
         origin_id = spec.get("origin_run_id")
         if origin_id is None:
-            latest = await self.metadata.list_runs(flow=flow, limit=1)
+            # As Metaflow: without an id, the latest run in the user's own namespace.
+            latest = await self.metadata.list_runs(flow=flow, user=owner, limit=1)
             if not latest.items:
-                raise SchedulerError(f"no run of {flow} to resume: run it first")
+                raise SchedulerError(f"{owner} has no run of {flow} to resume: run it first")
             origin_id = latest.items[0].run_id
         origin_id = layout.check_run_id(str(origin_id))
         live = self.runs.get(f"{flow}/{origin_id}")
@@ -501,6 +502,7 @@ class Engine:
                     cpu=cpu,
                     memory_mb=memory,
                     timeout_s=self._timeout_s(run, task.step),
+                    owner_uid=run.owner_uid,
                 )
                 try:
                     handle = await self.backend.launch(request)
