@@ -62,7 +62,7 @@ from millstream.client.datastore_view import run_sync as _call
 from millstream.client.pathspec import PathspecError
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, serialize, type_name
-from millstream.errors import DatastoreError, MetadataError, MillstreamError
+from millstream.errors import ApiError, DatastoreError, MetadataError, MillstreamError
 
 __all__ = [
     "DataArtifact", "Flow", "Metadata", "Metaflow", "MetaflowData", "MetaflowInvalidPathspec",
@@ -110,12 +110,18 @@ class MetaflowInvalidPathspec(PathspecError):
 
 
 _override: RunReader | None = None
+_override_socket: str | None = None
 
 
-def use_reader(reader: RunReader | None) -> None:
-    """Make every new object read through ``reader``; None goes back to the configured datastore."""
-    global _override  # noqa: PLW0603 - a process-wide switch, like namespace()
+def use_reader(reader: RunReader | None, *, daemon_socket: str | None = None) -> None:
+    """Make every new object read through ``reader``; None goes back to the configured datastore.
+
+    ``daemon_socket`` is the daemon that mediates changes (tags) for that reader;
+    without one, changes go to the reader's store directly.
+    """
+    global _override, _override_socket  # noqa: PLW0603 - a process-wide switch, like namespace()
     _override = reader
+    _override_socket = daemon_socket if reader is not None else None
 
 
 def _reader() -> RunReader:
@@ -174,6 +180,31 @@ def _username() -> str:
 def _may_retag(owner: str) -> bool:
     """Whether this process may change the tags of ``owner``'s runs: it is the owner, or root."""
     return os.getuid() == 0 or _username() == owner
+
+
+def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequence[str]) -> bool:
+    """Change tags through the configured daemon when one answers; False when none does.
+
+    On a shared host the daemon decides who may (the owner or an admin, by the
+    caller's uid) and is the one writer of the metadata store; without a daemon the
+    change goes straight to the store, for the owner or root.
+    """
+    from millstream.client.http import DaemonClient, api_path
+    from millstream.config.settings import load_settings
+
+    if _override is not None and _override_socket is None:
+        return False
+    client = DaemonClient(_override_socket or load_settings(os.environ).daemon.socket)
+    if client.health() is None:
+        return False
+    try:
+        client.request("POST", api_path("runs", flow, run_id, "tags"),
+                       json_body={"add": list(add), "remove": list(remove)})
+    except ApiError as exc:
+        if exc.status in (400, 403):
+            raise MetaflowTaggingError(exc.message) from exc
+        raise
+    return True
 
 
 def _namespace_for(check: bool, given: str | None) -> str | None:
@@ -571,6 +602,9 @@ class Run(MetaflowObject):
 
     def _retag(self, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
         owner = self._record.owner
+        if _daemon_retag(self._record.flow, self.id, add=add, remove=remove):
+            self._record = _call(self._reader.run(self._record.flow, self.id))
+            return
         if not _may_retag(owner):
             raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "
                                        f"Run('{self.pathspec}'); you are {_username()}")

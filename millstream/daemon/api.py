@@ -595,6 +595,10 @@ async def change_tags(request: web.Request) -> web.Response:
         record = await engine.metadata.remove_tags(flow, run_id, remove)
     if add:
         record = await engine.metadata.add_tags(flow, run_id, add)
+    if live is not None:
+        # A live run's summary shows its tags from here on (tasks launched later see them too).
+        live.options["tags"] = list(record.tags)
+        engine.checkpoints.mark(live.key)
     return web.json_response(_summary(record))
 
 
