@@ -14,7 +14,8 @@ separate program rather than ``preexec_fn`` because the daemon runs threads
 (``asyncio.to_thread``) and code between ``fork`` and ``exec`` must not take locks;
 rather than ``subprocess``'s ``user=`` because that cannot clear ambient
 capabilities, which a non-root daemon's child would otherwise keep across ``exec``
-(and with ``CAP_SETUID`` could become root). Never ``sudo``/``runuser``: the unit's
+(and with ``CAP_SETUID`` could become root); the switch then empties the other
+capability sets too. Never ``sudo``/``runuser``: the unit's
 ``NoNewPrivileges=yes`` forbids gaining privileges through ``execve``.
 
 The environment is clean: the daemon's own (``NOTIFY_SOCKET``, its ``HOME``,
@@ -108,6 +109,30 @@ def prepare_shared_dir(path: str, gid: int) -> None:
 
 
 # --------------------------------------------------------------------- the switch
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _drop_all_capabilities(libc: ctypes.CDLL) -> None:
+    """Empty the effective, permitted and inheritable sets of this process.
+
+    Switching from root to another uid clears them by itself; switching from a
+    non-root account that holds CAP_SETUID does not, and the process would keep the
+    power to become root until ``execve``.
+    """
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
 def _switch(uid: int, gid: int, groups: list[int]) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     # Fails with EINVAL on kernels before 4.3, which have no ambient capabilities to clear.
@@ -115,6 +140,8 @@ def _switch(uid: int, gid: int, groups: list[int]) -> None:
     os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    if uid != 0:
+        _drop_all_capabilities(libc)
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
         raise PermissionError(f"the switch to uid {uid} gid {gid} did not take")
     if uid != 0:
