@@ -105,7 +105,9 @@ def prepare_shared_dir(path: str, gid: int) -> None:
     st = os.stat(path)
     if st.st_gid != gid:
         os.chown(path, -1, gid)
-    os.chmod(path, (st.st_mode & 0o7777) | 0o2770)
+    if st.st_mode & 0o2770 != 0o2770:
+        # Under systemd (RestrictSUIDSGID=yes) tmpfiles makes these folders right beforehand.
+        os.chmod(path, (st.st_mode & 0o7777) | 0o2770)
 
 
 # --------------------------------------------------------------------- the switch
