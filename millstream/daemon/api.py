@@ -140,10 +140,13 @@ def caller_of(request: web.Request) -> Caller:
     return caller
 
 
-def peer_identity(request: web.Request) -> tuple[int, str]:
-    """The uid and user name of the caller."""
+def require_submitter(request: web.Request) -> Caller:
+    """The caller, if this daemon may run its tasks; else a 403 saying why not."""
     caller = caller_of(request)
-    return caller.uid, caller.name
+    reason = request.app[AUTHORITY].submit_refusal(caller)
+    if reason is not None:
+        raise ApiFailure(403, "forbidden", reason)
+    return caller
 
 
 def require_owner(request: web.Request, action: str, what: str, owner: str, owner_uid: int | None) -> Caller:
@@ -309,7 +312,8 @@ async def submit_run(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if not engine.accepting:
         raise ApiFailure(503, "stopping", "the daemon is shutting down; submit again in a moment")
-    uid, user = peer_identity(request)
+    caller = require_submitter(request)
+    uid, user = caller.uid, caller.name
     body = await _json(request)
     flow = _check_name("flow", _field(body, "flow", str), layout.check_flow)
     graph = validate_graph(body.get("graph"))
@@ -605,7 +609,8 @@ async def change_tags(request: web.Request) -> web.Response:
 async def create_schedule(request: web.Request) -> web.Response:
     """Save a schedule: a run submission plus cron and/or trigger flows."""
     engine = request.app[ENGINE]
-    uid, user = peer_identity(request)
+    caller = require_submitter(request)
+    uid, user = caller.uid, caller.name
     body = await _json(request)
     submission = _field(body, "submission", dict)
     flow = _check_name("flow", _field(submission, "flow", str), layout.check_flow)

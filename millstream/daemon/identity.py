@@ -64,12 +64,29 @@ class Authority:
 
     admin_group: str = ""
     daemon_uid: int = -1
+    # False for a daemon that would have to run other users' tasks as its own account
+    # without being told to (see submit_refusal).
+    runs_others_tasks: bool = True
 
     def is_admin(self, caller: Caller) -> bool:
         """Root, the daemon's own account, or a member of the admin group."""
         if caller.uid in (0, self.daemon_uid):
             return True
         return bool(self.admin_group) and in_group(caller.name, self.admin_group)
+
+    def submit_refusal(self, caller: Caller) -> str | None:
+        """Why ``caller`` may not start runs here; None when allowed.
+
+        A daemon that cannot switch uids runs every task as its own account. That is
+        the operator's choice with ``daemon.run_tasks_as = "daemon"`` (a service
+        account); otherwise another user's code would run as the daemon's user, so
+        their runs are refused.
+        """
+        if self.runs_others_tasks or caller.uid in (self.daemon_uid, 0):
+            return None
+        return (f"this daemon runs as {user_name(self.daemon_uid)} and cannot run tasks as {caller.name} "
+                "(it has neither root nor CAP_SETUID and CAP_SETGID); start your own daemon, or ask its "
+                "operator to set daemon.run_tasks_as = \"daemon\"")
 
     def refusal(self, caller: Caller, action: str, what: str, owner: str, owner_uid: int | None) -> str | None:
         """Why ``caller`` may not ``action`` ``what`` owned by ``owner``; None when allowed.

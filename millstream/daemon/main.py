@@ -155,7 +155,11 @@ async def serve(
     app = make_app(
         engine,
         max_body_bytes=settings.daemon.max_body_mb << 20,
-        authority=Authority(admin_group=settings.daemon.admin_group, daemon_uid=os.getuid()),
+        authority=Authority(
+            admin_group=settings.daemon.admin_group,
+            daemon_uid=os.getuid(),
+            runs_others_tasks=shared.run_as_owner or settings.daemon.run_tasks_as == "daemon",
+        ),
         tokens=tokens,
     )
     runner = web.AppRunner(

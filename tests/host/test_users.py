@@ -210,7 +210,8 @@ def _cli(host: Host, user: str, *args: str) -> subprocess.CompletedProcess[str]:
     return host.as_user(user, "-m", "millstream", *args)
 
 
-def _api_as(host: Host, user: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def _api_as(host: Host, user: str, method: str, path: str, body: Any = None, *,
+            socket_path: str | None = None) -> tuple[int, Any]:
     """One request over the socket from a process of ``user`` (the kernel vouches for the uid)."""
     script = textwrap.dedent(
         f"""
@@ -218,7 +219,7 @@ def _api_as(host: Host, user: str, method: str, path: str, body: Any = None) -> 
         from millstream.client.http import DaemonClient
         from millstream.errors import ApiError
         try:
-            status, body = 200, DaemonClient({host.daemon.socket!r}).request(
+            status, body = 200, DaemonClient({socket_path or host.daemon.socket!r}).request(
                 {method!r}, {path!r}, json_body={body!r})[1]
         except ApiError as exc:
             status, body = exc.status, {{"error": exc.code, "message": exc.message}}
@@ -333,12 +334,13 @@ def test_every_daemon_log_line_is_json_and_run_events_carry_the_run(host: Host) 
             assert e["step"] in ("start", "end") and e["task"], e
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None and os.environ.get("CI") != "true", reason="needs setpriv")
-def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_capabilities(
-    host: Host, tmp_path: Path
-) -> None:
-    """As under systemd: a service account with ambient CAP_SETUID/CAP_SETGID (and CAP_KILL)."""
-    alice = pwd.getpwnam("ms-alice")
+@contextlib.contextmanager
+def _service_daemon(host: Host, caps: str) -> Iterator[tuple[Daemon, Path]]:
+    """A daemon run as an unprivileged account (ms-carol) holding ``caps`` as ambient capabilities.
+
+    As under systemd's ``User=`` with ``AmbientCapabilities=``; ``caps`` "" holds none.
+    """
+    _need("setpriv")
     service = pwd.getpwnam("ms-carol")  # any unprivileged account will do for the daemon
     root = Path(tempfile.mkdtemp(prefix="ms-c-", dir="/tmp"))
     os.chown(root, service.pw_uid, grp.getgrnam(TEAM).gr_gid)
@@ -352,29 +354,22 @@ def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_ca
         "MILLSTREAM_DAEMON_SOCKET_GROUP": TEAM,
         "MILLSTREAM_DAEMON_LOG_FORMAT": "json",
     }
-    caps = "+setuid,+setgid,+kill"
     log = root / "daemon.log"
+    cap_args = [f"--inh-caps={caps}", f"--ambient-caps={caps}"] if caps else []
     with open(log, "wb") as out:
         daemon = subprocess.Popen(
-            ["setpriv", f"--reuid={service.pw_uid}", f"--regid={service.pw_gid}", "--init-groups",
-             f"--inh-caps={caps}", f"--ambient-caps={caps}", SYSTEM_PYTHON, "-m", "millstream.daemon"],
+            ["setpriv", f"--reuid={service.pw_uid}", f"--regid={service.pw_gid}", "--init-groups", *cap_args,
+             SYSTEM_PYTHON, "-m", "millstream.daemon"],
             env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
+    saved = host.env
     try:
         wait_until(lambda: os.path.exists(env["MILLSTREAM_DAEMON_SOCKET"]) or daemon.poll() is not None, 30)
         assert daemon.poll() is None, log.read_text()
-        host_env = host.env
         host.env = {**host.env, "MILLSTREAM_DAEMON_SOCKET": env["MILLSTREAM_DAEMON_SOCKET"]}
-        try:
-            run_id, proc = host.run("ms-alice")
-        finally:
-            host.env = host_env
-        assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()
-        d = Daemon(root=root, env=env)
-        assert artifact(d, "WhoAmIFlow", run_id, "start", "uid") == alice.pw_uid
-        caps_seen = artifact(d, "WhoAmIFlow", run_id, "start", "caps")
-        assert int(caps_seen["CapAmb"], 16) == 0 and int(caps_seen["CapEff"], 16) == 0, caps_seen
+        yield Daemon(root=root, env=env), log
     finally:
+        host.env = saved
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(15)
@@ -383,6 +378,30 @@ def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_ca
             daemon.wait()
         _kill_leftovers(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_capabilities(host: Host) -> None:
+    """As under systemd: a service account with ambient CAP_SETUID/CAP_SETGID (and CAP_KILL)."""
+    alice = pwd.getpwnam("ms-alice")
+    with _service_daemon(host, "+setuid,+setgid,+kill") as (d, log):
+        run_id, proc = host.run("ms-alice")
+        assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()
+        assert artifact(d, "WhoAmIFlow", run_id, "start", "uid") == alice.pw_uid
+        caps_seen = artifact(d, "WhoAmIFlow", run_id, "start", "caps")
+        assert int(caps_seen["CapAmb"], 16) == 0 and int(caps_seen["CapEff"], 16) == 0, caps_seen
+        assert int(caps_seen["CapPrm"], 16) == 0, caps_seen
+
+
+def test_a_daemon_that_cannot_switch_refuses_other_users_runs(host: Host) -> None:
+    with _service_daemon(host, "") as (d, log):
+        status, body = _api_as(host, "ms-alice", "POST", "/v1/runs", {}, socket_path=d.socket)
+        assert status == 403, body
+        assert body["message"].startswith("this daemon runs as ms-carol and cannot run tasks as ms-alice")
+        # Reading stays open, and its own account still submits.
+        assert _api_as(host, "ms-alice", "GET", "/v1/runs", socket_path=d.socket)[0] == 200
+        status, body = _api_as(host, "ms-carol", "POST", "/v1/runs", {}, socket_path=d.socket)
+        assert status == 400 and body["error"] == "missing_field", body
+        assert '"tasks_run_as": "daemon"' in log.read_text()
 
 
 def test_a_plain_users_daemon_runs_tasks_as_itself_on_a_private_socket(daemon_factory: Any) -> None:
