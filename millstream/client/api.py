@@ -602,15 +602,15 @@ class Run(MetaflowObject):
 
     def _retag(self, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
         owner = self._record.owner
+        system = sorted(set(remove) & self.system_tags)
+        if system:
+            raise MetaflowTaggingError(f"cannot remove system tags of Run('{self.pathspec}'): {', '.join(system)}")
         if _daemon_retag(self._record.flow, self.id, add=add, remove=remove):
             self._record = _call(self._reader.run(self._record.flow, self.id))
             return
         if not _may_retag(owner):
             raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "
                                        f"Run('{self.pathspec}'); you are {_username()}")
-        system = sorted(set(remove) & self.system_tags)
-        if system:
-            raise MetaflowTaggingError(f"cannot remove system tags of Run('{self.pathspec}'): {', '.join(system)}")
         record = self._record
         try:
             if remove:

@@ -165,6 +165,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, A
                 raise ConfigError(f"{path}: {exc}") from None
             _apply(layers, sources, data, str(path))
     from_env: dict[str, dict[str, Any]] = {}
+    variables: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith("MILLSTREAM_") or name == "MILLSTREAM_CONFIG":
             continue
@@ -172,8 +173,11 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, A
         section, _, key = rest.partition("_")
         if section in _SECTIONS and key:
             from_env.setdefault(section, {})[key] = value
+            variables[f"{section}.{key}"] = name
     for section, values in from_env.items():
         _apply(layers, sources, {section: values}, "environment")
+    # config show names the variable, so an operator knows what to unset.
+    sources.update({key: f"environment ${name}" for key, name in variables.items()})
     if overrides:
         _apply(layers, sources, {k: dict(v) for k, v in overrides.items() if v}, "command line")
     settings = Settings(**{s: _section_class(s)(**layers[s]) for s in _SECTIONS}, sources=sources)

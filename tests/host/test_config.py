@@ -61,7 +61,7 @@ def test_describe_says_where_each_value_came_from(tmp_path: Path) -> None:
     rows = {key: (value, source) for key, value, source in describe(settings)}
     config = str(tmp_path / "config.toml")
     assert rows["daemon.max_body_mb"] == (8, config)
-    assert rows["local.max_slots"] == (3, "environment")
+    assert rows["local.max_slots"] == (3, "environment $MILLSTREAM_LOCAL_MAX_SLOTS")
     assert rows["daemon.socket"] == ("/run/x.sock", "command line")
     assert rows["metadata.api_key"] == ("********", config), "the key is never printed"
     assert rows["run.max_workers"] == (16, "default")
@@ -87,7 +87,7 @@ def test_config_show_prints_key_value_and_source(tmp_path: Path) -> None:
     table = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     config = str(tmp_path / "config.toml")
     assert table["daemon.max_body_mb"] == ["8", config]
-    assert table["local.max_slots"] == ["3", "environment"]
+    assert table["local.max_slots"] == ["3", "environment", "$MILLSTREAM_LOCAL_MAX_SLOTS"]
     assert table["daemon.socket"] == ["/run/x.sock", "command", "line"]
     assert table["metadata.api_key"] == ["********", config]
     assert table["run.max_workers"] == ["16", "default"]
@@ -137,5 +137,6 @@ def test_config_show_lists_the_shared_host_settings_and_their_sources(tmp_path: 
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
     assert "team" in lines["daemon.socket_group"] and str(tmp_path / "config.toml") in lines["daemon.socket_group"]
-    assert "admins" in lines["daemon.admin_group"] and "environment" in lines["daemon.admin_group"]
+    assert "admins" in lines["daemon.admin_group"]
+    assert "environment $MILLSTREAM_DAEMON_ADMIN_GROUP" in lines["daemon.admin_group"]
     assert "owner" in lines["daemon.run_tasks_as"] and "default" in lines["daemon.run_tasks_as"]
