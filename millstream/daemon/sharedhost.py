@@ -42,6 +42,7 @@ class SharedHost:
     socket_gid: int | None
     run_as_owner: bool
     shared_gid: int
+    reachable_by_others: bool = False  # a socket group or a TCP listener
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SharedHost:
@@ -52,11 +53,16 @@ class SharedHost:
             group_id(settings, "admin_group", daemon.admin_group)
         run_as_owner = daemon.run_tasks_as == "owner" and can_switch_users()
         return cls(socket_gid=socket_gid, run_as_owner=run_as_owner,
-                   shared_gid=socket_gid if socket_gid is not None else os.getegid())
+                   shared_gid=socket_gid if socket_gid is not None else os.getegid(),
+                   reachable_by_others=socket_gid is not None or bool(daemon.tcp_listen))
 
     def prepare_dirs(self, settings: Settings) -> None:
-        """Make the folders tasks write shared by the group (only when tasks switch uids)."""
-        if not self.run_as_owner:
+        """Make the folders tasks write shared by the group.
+
+        Only when tasks switch uids and someone else can reach the daemon: a per-user
+        daemon's folders keep the modes they have.
+        """
+        if not (self.run_as_owner and self.reachable_by_others):
             return
         os.umask(TASK_UMASK)
         state = Path(settings.daemon.state_dir)

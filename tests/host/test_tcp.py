@@ -124,4 +124,4 @@ def test_tcp_without_a_tokens_file_is_a_configuration_error(daemon_factory: Call
     proc = subprocess.run([sys.executable, "-m", "millstream.daemon"], env=d.env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0
-    assert "environment: daemon.tcp_listen needs daemon.tokens_file" in proc.stderr
+    assert "environment $MILLSTREAM_DAEMON_TCP_LISTEN: daemon.tcp_listen needs daemon.tokens_file" in proc.stderr
