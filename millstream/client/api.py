@@ -186,8 +186,9 @@ def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequenc
     """Change tags through the configured daemon when one answers; False when none does.
 
     On a shared host the daemon decides who may (the owner or an admin, by the
-    caller's uid) and is the one writer of the metadata store; without a daemon the
-    change goes straight to the store, for the owner or root.
+    caller's uid) and is the one writer of the metadata store; without a daemon, or
+    with one that does not know the run (it records elsewhere), the change goes
+    straight to the store, for the owner or root.
     """
     from millstream.client.http import DaemonClient, api_path
     from millstream.config.settings import load_settings
@@ -203,6 +204,9 @@ def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequenc
     except ApiError as exc:
         if exc.status in (400, 403):
             raise MetaflowTaggingError(exc.message) from exc
+        if exc.status == 404:
+            # That daemon keeps another metadata store than the one this run was read from.
+            return False
         raise
     return True
 

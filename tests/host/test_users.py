@@ -335,7 +335,7 @@ def test_every_daemon_log_line_is_json_and_run_events_carry_the_run(host: Host) 
 
 
 @contextlib.contextmanager
-def _service_daemon(host: Host, caps: str) -> Iterator[tuple[Daemon, Path]]:
+def _service_daemon(host: Host, caps: str, **settings: str) -> Iterator[tuple[Daemon, Path]]:
     """A daemon run as an unprivileged account (ms-carol) holding ``caps`` as ambient capabilities.
 
     As under systemd's ``User=`` with ``AmbientCapabilities=``; ``caps`` "" holds none.
@@ -353,6 +353,7 @@ def _service_daemon(host: Host, caps: str) -> Iterator[tuple[Daemon, Path]]:
         "MILLSTREAM_DAEMON_STATE_DIR": str(root / "state"),
         "MILLSTREAM_DAEMON_SOCKET_GROUP": TEAM,
         "MILLSTREAM_DAEMON_LOG_FORMAT": "json",
+        **{f"MILLSTREAM_{k.upper()}": v for k, v in settings.items()},
     }
     log = root / "daemon.log"
     cap_args = [f"--inh-caps={caps}", f"--ambient-caps={caps}"] if caps else []
@@ -380,16 +381,25 @@ def _service_daemon(host: Host, caps: str) -> Iterator[tuple[Daemon, Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_capabilities(host: Host) -> None:
-    """As under systemd: a service account with ambient CAP_SETUID/CAP_SETGID (and CAP_KILL)."""
+@pytest.mark.parametrize("fork", ["true", "false"])
+def test_a_daemon_holding_only_setuid_and_setgid_runs_tasks_as_owners_without_capabilities(
+    host: Host, fork: str
+) -> None:
+    """As under systemd: a service account with ambient CAP_SETUID/CAP_SETGID (and CAP_KILL).
+
+    Both ways a task starts: forked from the owner's zygote, and a fresh interpreter.
+    """
     alice = pwd.getpwnam("ms-alice")
-    with _service_daemon(host, "+setuid,+setgid,+kill") as (d, log):
+    with _service_daemon(host, "+setuid,+setgid,+kill", local_fork=fork) as (d, log):
         run_id, proc = host.run("ms-alice")
         assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()
         assert artifact(d, "WhoAmIFlow", run_id, "start", "uid") == alice.pw_uid
         caps_seen = artifact(d, "WhoAmIFlow", run_id, "start", "caps")
         assert int(caps_seen["CapAmb"], 16) == 0 and int(caps_seen["CapEff"], 16) == 0, caps_seen
         assert int(caps_seen["CapPrm"], 16) == 0, caps_seen
+        state = d.run_state("WhoAmIFlow", run_id)
+        vias = {a["handle"]["via"] for t in state["tasks"] for a in t["attempts"]}
+        assert vias == ({"zygote"} if fork == "true" else {"exec"}), vias
 
 
 def test_a_daemon_that_cannot_switch_refuses_other_users_runs(host: Host) -> None:
