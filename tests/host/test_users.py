@@ -199,9 +199,8 @@ def host() -> Iterator[Host]:
         if d.proc is not None:
             with contextlib.suppress(Exception):
                 d.stop(signal.SIGKILL, 10)
+        # The users' clients and tasks all name the root in their environment.
         _kill_leftovers(root)
-        for name in USERS:
-            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
         _drop_accounts()
 
