@@ -355,8 +355,12 @@ async def submit_run(request: web.Request) -> web.Response:
         if resume.get("step") is not None:
             _check_name("resume step", _field(resume, "step", str), layout.check_step)
         if resume.get("origin_run_id") is not None:
-            origin = await engine.metadata.get_run(flow, resume["origin_run_id"])
-            require_owner(request, "resume", f"run {origin.pathspec}", origin.user, user_uid(origin.user))
+            try:
+                origin = await engine.metadata.get_run(flow, resume["origin_run_id"])
+            except MetadataNotFound:
+                pass  # the engine says which run is missing, and where it looked
+            else:
+                require_owner(request, "resume", f"run {origin.pathspec}", origin.user, user_uid(origin.user))
     tags = options.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in tags):
         raise ApiFailure(400, "bad_option", "options.tags must be a list of non-empty strings")
