@@ -40,12 +40,13 @@ Errors::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from millstream.client.datastore_view import (
     CLONE_FIELDS,
@@ -63,6 +64,9 @@ from millstream.client.pathspec import PathspecError
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, serialize, type_name
 from millstream.errors import ApiError, DatastoreError, MetadataError, MillstreamError
+
+if TYPE_CHECKING:
+    from millstream.config.settings import Settings
 
 __all__ = [
     "DataArtifact", "Flow", "Metadata", "Metaflow", "MetaflowData", "MetaflowInvalidPathspec",
@@ -110,18 +114,18 @@ class MetaflowInvalidPathspec(PathspecError):
 
 
 _override: RunReader | None = None
-_override_socket: str | None = None
+_override_settings: Settings | None = None
 
 
-def use_reader(reader: RunReader | None, *, daemon_socket: str | None = None) -> None:
+def use_reader(reader: RunReader | None, *, settings: Settings | None = None) -> None:
     """Make every new object read through ``reader``; None goes back to the configured datastore.
 
-    ``daemon_socket`` is the daemon that mediates changes (tags) for that reader;
-    without one, changes go to the reader's store directly.
+    ``settings`` name the daemon that mediates changes (tags) for that reader;
+    without them, changes go to the reader's store directly.
     """
-    global _override, _override_socket  # noqa: PLW0603 - a process-wide switch, like namespace()
+    global _override, _override_settings  # noqa: PLW0603 - a process-wide switch, like namespace()
     _override = reader
-    _override_socket = daemon_socket if reader is not None else None
+    _override_settings = settings if reader is not None else None
 
 
 def _reader() -> RunReader:
@@ -182,33 +186,36 @@ def _may_retag(owner: str) -> bool:
     return os.getuid() == 0 or _username() == owner
 
 
-def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequence[str]) -> bool:
-    """Change tags through the configured daemon when one answers; False when none does.
+def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequence[str]) -> tuple[str, ...] | None:
+    """Change tags through the configured daemon when one answers: the run's user tags, or None.
 
     On a shared host the daemon decides who may (the owner or an admin, by the
     caller's uid) and is the one writer of the metadata store; without a daemon, or
-    with one that does not know the run (it records elsewhere), the change goes
+    with one that keeps another datastore or does not know the run, the change goes
     straight to the store, for the owner or root.
     """
     from millstream.client.http import DaemonClient, api_path
     from millstream.config.settings import load_settings
+    from millstream.datastore.backends import store_fingerprint
 
-    if _override is not None and _override_socket is None:
-        return False
-    client = DaemonClient(_override_socket or load_settings(os.environ).daemon.socket)
-    if client.health() is None:
-        return False
+    if _override is not None and _override_settings is None:
+        return None
+    settings = _override_settings or load_settings(os.environ)
+    client = DaemonClient(settings.daemon.socket)
+    health = client.health()
+    if health is None or health.get("store") != store_fingerprint(dataclasses.asdict(settings.datastore)):
+        return None
     try:
-        client.request("POST", api_path("runs", flow, run_id, "tags"),
-                       json_body={"add": list(add), "remove": list(remove)})
+        _, answer = client.request("POST", api_path("runs", flow, run_id, "tags"),
+                                   json_body={"add": list(add), "remove": list(remove)})
     except ApiError as exc:
         if exc.status in (400, 403):
             raise MetaflowTaggingError(exc.message) from exc
         if exc.status == 404:
             # That daemon keeps another metadata store than the one this run was read from.
-            return False
+            return None
         raise
-    return True
+    return tuple(answer["tags"])
 
 
 def _namespace_for(check: bool, given: str | None) -> str | None:
@@ -609,8 +616,9 @@ class Run(MetaflowObject):
         system = sorted(set(remove) & self.system_tags)
         if system:
             raise MetaflowTaggingError(f"cannot remove system tags of Run('{self.pathspec}'): {', '.join(system)}")
-        if _daemon_retag(self._record.flow, self.id, add=add, remove=remove):
-            self._record = _call(self._reader.run(self._record.flow, self.id))
+        tags = _daemon_retag(self._record.flow, self.id, add=add, remove=remove)
+        if tags is not None:
+            self._record = dataclasses.replace(self._record, tags=tags)
             return
         if not _may_retag(owner):
             raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "

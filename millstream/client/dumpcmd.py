@@ -51,7 +51,7 @@ def _with_reader(state: CliState, work: Callable[[], Any]) -> Any:
     from millstream.client.datastore_view import reader_for
 
     settings = state.settings()
-    api.use_reader(reader_for(settings), daemon_socket=settings.daemon.socket)
+    api.use_reader(reader_for(settings), settings=settings)
     try:
         return work()
     finally:

@@ -33,6 +33,7 @@ from millstream.daemon.identity import Authority, Caller, token_caller, user_nam
 from millstream.daemon.openapi import OPENAPI
 from millstream.daemon.schedules import Schedule
 from millstream.datastore import layout
+from millstream.datastore.backends import store_fingerprint
 from millstream.datastore.package import MAX_UNPACKED_PACKAGE_BYTES, gunzipped_size_within, store_package
 from millstream.datastore.records import AttemptKey
 from millstream.errors import (
@@ -268,6 +269,7 @@ async def health(request: web.Request) -> web.Response:
             "version": millstream.__version__,
             "pid": os.getpid(),
             "active_runs": active,
+            "store": store_fingerprint(engine.datastore_config),
         }
     )
 
