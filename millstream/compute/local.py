@@ -120,8 +120,8 @@ class LocalBackend:
         err = self.spool_dir / f"zygote-{key}.stderr"
         err.parent.mkdir(parents=True, exist_ok=True)
         with open(err, "ab") as err_file:
-            proc = await asyncio.create_subprocess_exec(
-                request.python,
+            proc = await _exec(
+                request,
                 "-m",
                 "millstream.task.zygote",
                 spec.package_dir,
@@ -230,8 +230,8 @@ class LocalBackend:
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(request.spec.to_dict()))
         with open(request.stdout_path, "ab") as out, open(request.stderr_path, "ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                request.python,
+            proc = await _exec(
+                request,
                 "-u",
                 "-m",
                 "millstream.task",
@@ -352,6 +352,15 @@ class LocalBackend:
         for zyg in list(self._zygotes.values()):
             await self._stop_zygote(zyg)
         self._zygotes.clear()
+
+
+async def _exec(request: LaunchRequest, *args: str, **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start ``request.python`` with ``args``; an interpreter that cannot start is the submission's fault."""
+    try:
+        return await asyncio.create_subprocess_exec(request.python, *args, **kwargs)
+    except OSError as exc:
+        raise ComputeError(f"cannot start the interpreter {request.python}: {exc.strerror or exc}",
+                           retryable=False) from exc
 
 
 def _cwd(request: LaunchRequest) -> str:
