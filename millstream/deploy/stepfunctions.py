@@ -111,6 +111,13 @@ def _retry(node: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [*retries, dict(INFRA_RETRY)]
 
 
+def _queue(node: Mapping[str, Any]) -> str | None:
+    for d in node.get("decorators", []):
+        if d["name"] == "batch" and d["attributes"].get("queue"):
+            return str(d["attributes"]["queue"])
+    return None
+
+
 def _timeout_s(node: Mapping[str, Any]) -> int | None:
     for d in node.get("decorators", []):
         if d["name"] == "timeout":
@@ -180,7 +187,7 @@ class _Compiler:
         task_ref = self._task_id_ref(depth)
         params: dict[str, Any] = {
             "JobName.$": f"States.Format('{self.flow}-{name}-{{}}-{{}}', $.run_id, {task_ref})",
-            "JobQueue": o.job_queue,
+            "JobQueue": _queue(node) or o.job_queue,
             "JobDefinition": jobdef,
             "Parameters": {
                 "package": o.package,
