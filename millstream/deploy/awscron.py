@@ -126,7 +126,7 @@ def to_aws_cron(expression: str, timezone: str | None = None) -> str:
             f"cron {expression!r} has {len(fields)} fields; expected 5: minute hour day-of-month month day-of-week")
     expanded = [_expand(f, name, low, high, names) for f, (name, low, high, names, _) in zip(fields, _FIELDS,
                                                                                             strict=True)]
-    minute, hour, dom, month, dow = fields
+    minute, hour, dom, month, _ = fields
     days = {d % 7 for d in expanded[4]}
     dom_all = dom == "*" or expanded[2] == set(range(1, 32))
     dow_all = len(days) == 7

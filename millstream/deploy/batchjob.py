@@ -72,7 +72,7 @@ def container_properties(node: Mapping[str, Any], defaults: ContainerDefaults) -
             f"step {node['name']!r} has no container image: set stepfunctions.image in the configuration "
             "or @batch(image=...) on the step")
     cpu = _largest("cpu", batch, res) or 1.0
-    memory = int(math.ceil(_largest("memory", batch, res) or 4096))
+    memory = math.ceil(_largest("memory", batch, res) or 4096)
     gpu = int(_largest("gpu", batch, res))
     requirements = [{"type": "VCPU", "value": f"{cpu:g}"}, {"type": "MEMORY", "value": str(memory)}]
     if gpu:

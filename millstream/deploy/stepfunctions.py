@@ -104,7 +104,7 @@ def _retry(node: Mapping[str, Any]) -> list[dict[str, Any]]:
     decos = {d["name"]: d["attributes"] for d in node.get("decorators", [])}
     retries: list[dict[str, Any]] = []
     if "retry" in decos and decos["retry"]["times"] > 0:
-        interval = max(1, int(math.ceil(60 * float(decos["retry"]["minutes_between_retries"]))))
+        interval = max(1, math.ceil(60 * float(decos["retry"]["minutes_between_retries"])))
         retries.append({"ErrorEquals": ["States.TaskFailed"], "IntervalSeconds": interval,
                         "MaxAttempts": int(decos["retry"]["times"]), "BackoffRate": 1.0,
                         "JitterStrategy": "FULL"})
@@ -122,7 +122,7 @@ def _timeout_s(node: Mapping[str, Any]) -> int | None:
     for d in node.get("decorators", []):
         if d["name"] == "timeout":
             a = d["attributes"]
-            return int(math.ceil(a["seconds"] + 60 * a["minutes"] + 3600 * a["hours"]))
+            return math.ceil(a["seconds"] + 60 * a["minutes"] + 3600 * a["hours"])
     return None
 
 

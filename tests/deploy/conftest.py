@@ -24,6 +24,7 @@ from millstream.deploy.batchjob import ContainerDefaults
 from millstream.deploy.stepfunctions import Compiled, ExportOptions, compile_flow
 from millstream.flow.graph import FlowGraph
 from tests.aws.moto_server import MotoServer, shared_moto, stop_shared_moto
+from tests.deploy.moto_sfn import local_batch  # noqa: F401 - a fixture for test_execution
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

@@ -118,7 +118,7 @@ async def test_create_update_schedule_trigger_list_delete(settings: Settings, aw
     assert json.loads(machine["definition"]) == export.compiled.definition
     assert machine["roleArn"] == ROLE and machine["name"] == "DeployFlow"
     # The job definitions exist under their hash names, with the bootstrap command.
-    for name, props in export.compiled.job_definitions.items():
+    for name in export.compiled.job_definitions:
         found = (await aws["batch"].describe_job_definitions(jobDefinitionName=name))["jobDefinitions"]
         assert len(found) == 1
         assert found[0]["containerProperties"]["command"][:3] == ["python3", "-m", "millstream.deploy.bootstrap"]
@@ -164,23 +164,19 @@ async def test_create_update_schedule_trigger_list_delete(settings: Settings, aw
     assert machines == []
 
 
-async def test_deploy_errors_name_the_setting(settings: Settings, tmp_path: Path) -> None:
+async def test_deploy_errors_name_the_setting(moto_reset: MotoServer, tmp_path: Path) -> None:
     path = write_flow(tmp_path, None, "deploy_errors")
     flow_cls = load_flow(str(path), None)
     local = load_settings({"HOME": str(tmp_path), "MILLSTREAM_CONFIG": str(tmp_path / "none.toml")})
     with pytest.raises(DeployError, match="need an S3 datastore"):
         build_export(flow_cls, local)
-    no_role = load_settings({**deploy_env_from(settings, tmp_path), "MILLSTREAM_STEPFUNCTIONS_ROLE_ARN": ""})
-    with pytest.raises(DeployError, match="set stepfunctions.role_arn"):
+    moto_reset.create_bucket(BUCKET)
+    no_queue = load_settings({**deploy_env(moto_reset, tmp_path), "MILLSTREAM_STEPFUNCTIONS_JOB_QUEUE": ""})
+    with pytest.raises(DeployError, match=r"set stepfunctions\.job_queue"):
+        build_export(flow_cls, no_queue)
+    no_role = load_settings({**deploy_env(moto_reset, tmp_path), "MILLSTREAM_STEPFUNCTIONS_ROLE_ARN": ""})
+    with pytest.raises(DeployError, match=r"set stepfunctions\.role_arn"):
         await deploy_export(build_export(flow_cls, no_role), no_role)
-
-
-def deploy_env_from(settings: Settings, home: Path) -> dict[str, str]:
-    ds, sf = settings.datastore, settings.stepfunctions
-    return {"HOME": str(home), "MILLSTREAM_CONFIG": str(home / "none.toml"), "MILLSTREAM_DATASTORE_TYPE": "s3",
-            "MILLSTREAM_DATASTORE_BUCKET": ds.bucket, "MILLSTREAM_DATASTORE_ENDPOINT_URL": ds.endpoint_url,
-            "MILLSTREAM_STEPFUNCTIONS_ENDPOINT_URL": sf.endpoint_url, "MILLSTREAM_STEPFUNCTIONS_JOB_QUEUE": "q",
-            "MILLSTREAM_STEPFUNCTIONS_IMAGE": "i"}
 
 
 def test_cli_create_trigger_list_delete(moto_reset: MotoServer, tmp_path: Path) -> None:
