@@ -16,6 +16,7 @@ from millstream.deploy.awscron import to_aws_cron
 from millstream.deploy.batchjob import ContainerDefaults
 from millstream.deploy.stepfunctions import Compiled, ExportOptions, compile_flow, state_machine_name
 from millstream.errors import DeployError
+from millstream.flow.decorators import ScheduleDecorator
 
 # Datastore settings that mean nothing inside a container (a local root, fsync policy).
 _HOST_ONLY = frozenset({"root", "durable"})
@@ -52,16 +53,8 @@ def schedule_expression(graph: dict[str, Any]) -> str | None:
     deco = graph.get("flow_decorators", {}).get("schedule")
     if deco is None:
         return None
-    a = deco["attributes"]
-    if a.get("cron"):
-        cron = str(a["cron"])
-    elif a.get("hourly"):
-        cron = "0 * * * *"
-    elif a.get("weekly"):
-        cron = "0 0 * * 0"
-    else:
-        cron = "0 0 * * *"
-    return to_aws_cron(cron, a.get("timezone"))
+    schedule = ScheduleDecorator(**deco["attributes"])
+    return to_aws_cron(schedule.cron, schedule.attributes["timezone"])
 
 
 def build_export(flow_cls: type, settings: Settings) -> Export:

@@ -122,7 +122,7 @@ def _timeout_s(node: Mapping[str, Any]) -> int | None:
     for d in node.get("decorators", []):
         if d["name"] == "timeout":
             a = d["attributes"]
-            return math.ceil(a["seconds"] + 60 * a["minutes"] + 3600 * a["hours"])
+            return math.ceil(float(a["seconds"] + 60 * a["minutes"] + 3600 * a["hours"]))
     return None
 
 

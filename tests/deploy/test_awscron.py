@@ -67,3 +67,18 @@ def test_fixed_offsets() -> None:
     assert fixed_offset_hours("UTC") == 0
     assert fixed_offset_hours("Asia/Tokyo") == 9
     assert fixed_offset_hours("Etc/GMT-3") == 3
+
+
+@pytest.mark.parametrize(("attributes", "expected"), [
+    ({}, "cron(0 0 * * ? *)"),
+    ({"hourly": True}, "cron(0 * * * ? *)"),
+    ({"weekly": True}, "cron(0 0 ? * SUN *)"),
+    ({"cron": "15 6 * * 1", "timezone": "UTC"}, "cron(15 6 ? * MON *)"),
+])
+def test_schedule_decorator_forms(attributes: dict[str, object], expected: str) -> None:
+    from millstream.deploy.export import schedule_expression
+    from millstream.flow.decorators import ScheduleDecorator
+
+    graph = {"flow_decorators": {"schedule": ScheduleDecorator(**attributes).to_dict()}}
+    assert schedule_expression(graph) == expected
+    assert schedule_expression({"flow_decorators": {}}) is None
