@@ -153,8 +153,9 @@ class LocalBackend:
             [request.python, "-m", "millstream.task.zygote", spec.package_dir, spec.module_file, spec.class_name],
         )
         with open(err, "ab") as err_file:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
+            proc = await _exec(
+                request,
+                argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err_file,
@@ -259,8 +260,9 @@ class LocalBackend:
         spec_path.write_text(json.dumps(request.spec.to_dict()))
         argv, env, cwd = self._command(request, [request.python, "-u", "-m", "millstream.task", str(spec_path)])
         with open(request.stdout_path, "ab") as out, open(request.stderr_path, "ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
+            proc = await _exec(
+                request,
+                argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -377,6 +379,18 @@ class LocalBackend:
         for zyg in list(self._zygotes.values()):
             await self._stop_zygote(zyg)
         self._zygotes.clear()
+
+
+async def _exec(request: LaunchRequest, argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start ``argv`` (``request.python`` and its arguments, or the uid switch that runs them).
+
+    An interpreter that cannot start is the submission's fault.
+    """
+    try:
+        return await asyncio.create_subprocess_exec(*argv, **kwargs)
+    except OSError as exc:
+        raise ComputeError(f"cannot start the interpreter {request.python}: {exc.strerror or exc}",
+                           retryable=False) from exc
 
 
 def _cwd(request: LaunchRequest) -> str:

@@ -96,6 +96,24 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class StepFunctionsSettings:
+    """Exporting flows to AWS Step Functions and EventBridge (``step-functions create``)."""
+
+    role_arn: str = ""  # the state machine's execution role (Batch, S3 reads, child executions)
+    events_role_arn: str = ""  # the role EventBridge assumes to start executions; "": role_arn
+    job_queue: str = ""  # the Batch job queue of every step without @batch(queue=...)
+    image: str = ""  # the container image of every step without @batch(image=...)
+    job_role_arn: str = ""  # the tasks' IAM role (reads and writes the datastore)
+    batch_execution_role_arn: str = ""  # for Fargate queues
+    python: str = "python3"  # the interpreter in the image that has millstream installed
+    foreach_mode: str = "distributed"  # or "inline" (see millstream.deploy.stepfunctions)
+    max_concurrency: int = 0  # Map iterations at once; 0: no limit of ours
+    name_prefix: str = ""  # state machine and rule names are <prefix><flow>
+    region: str = ""  # "": the AWS chain's region
+    endpoint_url: str = ""  # "": AWS; set for moto or VPC endpoints
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, and where each value came from."""
 
@@ -104,6 +122,7 @@ class Settings:
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    stepfunctions: StepFunctionsSettings = field(default_factory=StepFunctionsSettings)
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -112,7 +131,7 @@ _SECTIONS = {f.name: f.type for f in fields(Settings) if f.name != "sources"}
 
 def _section_class(name: str) -> type:
     return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "metadata": MetadataSettings,
-            "local": LocalSettings, "run": RunSettings}[name]
+            "local": LocalSettings, "run": RunSettings, "stepfunctions": StepFunctionsSettings}[name]
 
 
 def _coerce(value: Any, default: Any, where: str, key: str) -> Any:

@@ -516,10 +516,15 @@ class Engine:
                 )
                 try:
                     handle = await self.backend.launch(request)
-                except ComputeError as exc:
+                except Exception as exc:
+                    # A backend's own failure (ComputeError) says whether a retry can help;
+                    # anything else is a bug or an OS error: an infrastructure failure, retried.
+                    retryable = exc.retryable if isinstance(exc, ComputeError) else True
+                    if not isinstance(exc, ComputeError):
+                        log.exception("launch_failed", pathspec=f"{run.key}/{task.key}", attempt=number)
                     sch.attempt_started(run.state, key, None, time.time())
-                    code = EXIT_INFRA_FAILURE if exc.retryable else EXIT_NO_RETRY
-                    self._finished(run, task, number, code, None, str(exc))
+                    code = EXIT_INFRA_FAILURE if retryable else EXIT_NO_RETRY
+                    self._finished(run, task, number, code, None, f"cannot launch the attempt: {exc}")
                     return
                 attempt = sch.attempt_started(run.state, key, handle, time.time())
                 metrics.observe_launch(time.monotonic() - picked_at)
