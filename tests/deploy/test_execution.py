@@ -137,6 +137,17 @@ async def test_switch_flow_takes_the_recorded_branch_in_moto(executing_moto: Mot
     assert await artifact(settings, flow, run_id, "end", "0", "result") == "in chunks (500)"
 
 
+@pytest.mark.timeout(EXECUTION_TIMEOUT_S + 60)
+async def test_branch_flow_runs_its_parallel_branches_in_moto(executing_moto: MotoServer, batch_queue: str,
+                                                              local_batch: JobLog, tmp_path: Path) -> None:
+    settings = execution_settings(executing_moto, tmp_path)
+    flow, run_id, _ = await run_to_end(settings, "branch.py", {}, local_batch)
+    steps = [j["parameters"]["step"] for j in local_batch.jobs]
+    assert steps[0] == "start" and sorted(steps[1:3]) == ["linear_model", "tree_model"]
+    assert steps[3:] == ["pick", "end"]
+    assert await artifact(settings, flow, run_id, "pick", "0", "scores") == {"linear": 4.5, "tree": 5.5}
+
+
 FAILING_FLOW = """
 from millstream import FlowSpec, step
 
