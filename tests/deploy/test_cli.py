@@ -35,3 +35,15 @@ def test_only_json_needs_an_s3_datastore_and_prints_the_definition(tmp_path: Pat
     assert code == 0, out
     definition = json.loads(out)
     assert any(s["Type"] == "Parallel" for s in definition["States"].values())
+
+
+def test_neither_the_daemon_nor_a_flow_command_line_imports_the_deploy_package() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; import millstream.daemon.main; from millstream.client.flowcli import make_flow_cli; "
+            "from millstream.client.loader import load_flow; "
+            f"make_flow_cli(load_flow({str(EXAMPLES / 'hello.py')!r}, None)); "
+            "print(sorted(m for m in sys.modules if m.startswith('millstream.deploy')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
