@@ -93,6 +93,16 @@ async def done_record(settings: Settings, flow: str, run_id: str, step: str, tas
         await store.close()
 
 
+async def stored_log(settings: Settings, flow: str, run_id: str, step: str, task: str, stream: str) -> bytes:
+    """An attempt 0 log as stored in the S3 datastore."""
+    store = S3Store.from_config(dataclasses.asdict(settings.datastore))
+    key = AttemptKey(flow, run_id, step, task, 0)
+    try:
+        return await store.get(key.stdout_key if stream == "stdout" else key.stderr_key)
+    finally:
+        await store.close()
+
+
 async def artifact(settings: Settings, flow: str, run_id: str, step: str, task: str, name: str,
                    attempt: int = 0) -> Any:
     """An artifact of a task's successful attempt, read from the S3 datastore."""
@@ -113,6 +123,9 @@ async def test_linear_flow_runs_in_moto(executing_moto: MotoServer, batch_queue:
     assert [j["parameters"]["step"] for j in local_batch.jobs] == ["start", "greet", "end"]
     assert all(j["parameters"]["run_id"] == run_id and j["parameters"]["task_id"] == "0" for j in local_batch.jobs)
     assert await artifact(settings, flow, run_id, "end", "0", "message") == "hello, world"
+    # Each attempt's output is in the datastore too, where the Client API reads logs.
+    assert await stored_log(settings, flow, run_id, "end", "0", "stdout") == b"done: hello, world\n"
+    assert local_batch.jobs[-1]["stdout"] == "done: hello, world\n"  # and in the container's output
 
 
 @pytest.mark.timeout(EXECUTION_TIMEOUT_S + 60)
@@ -180,5 +193,7 @@ async def test_a_failing_step_fails_the_execution(executing_moto: MotoServer, ba
     assert [(j["parameters"]["step"], j["rc"]) for j in local_batch.jobs] == [("start", 0), ("broken", 1)]
     run_id = local_batch.jobs[0]["parameters"]["run_id"]
     failed = await done_record(settings, "FailingOnSfnFlow", run_id, "broken", "0", 0)
+    assert b"RuntimeError: this step always fails" in await stored_log(settings, "FailingOnSfnFlow", run_id,
+                                                                       "broken", "0", "stderr")
     assert failed is not None and failed["status"] == "failed"
     assert failed["exception"]["message"] == "this step always fails"
