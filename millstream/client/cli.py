@@ -99,11 +99,16 @@ def resume(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: st
 
 @cli.command("step-functions", context_settings=_PASS_THROUGH, add_help_option=False)
 @click.option("--flow", "flow_name", default=None, help="The flow class, when the file defines several.")
-@click.argument("action", type=click.Choice(STEP_FUNCTIONS_ACTIONS))
+@click.argument("action", required=False)
 @click.argument("flow_path", required=False)
 @click.pass_context
-def step_functions(ctx: click.Context, flow_name: str | None, action: str, flow_path: str | None) -> None:
+def step_functions(ctx: click.Context, flow_name: str | None, action: str | None, flow_path: str | None) -> None:
     """Deploy FLOW.py to AWS Step Functions: millstream step-functions create|trigger|list-runs|delete FLOW.py ..."""
+    if action in (None, "--help", "-h"):
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+    if action not in STEP_FUNCTIONS_ACTIONS:
+        raise click.UsageError(f"unknown action {action!r}; use one of {', '.join(STEP_FUNCTIONS_ACTIONS)}")
     _flow_subcommand(ctx, f"step-functions {action}", flow_name, False, flow_path,
                      lambda flow_cls: step_functions_group(flow_cls).commands[action])
 

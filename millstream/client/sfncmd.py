@@ -32,9 +32,7 @@ def _iso(value: object) -> str:
 
 
 def make_step_functions_group(flow_cls: type) -> click.Group:
-    """The ``step-functions`` group of one flow."""
-    from millstream.deploy.export import build_export
-
+    """The ``step-functions`` group of one flow; the deploy package is imported only when a command runs."""
     name = flow_cls.__name__
 
     @click.group("step-functions", help=f"Deploy {name} to AWS Step Functions and run it there.")
@@ -46,6 +44,7 @@ def make_step_functions_group(flow_cls: type) -> click.Group:
     @click.pass_context
     def create(ctx: click.Context, only_json: bool) -> None:
         from millstream.deploy.aws import deploy_export
+        from millstream.deploy.export import build_export
 
         state = _state(ctx)
         with cli_errors():

@@ -34,7 +34,9 @@ What the container does, and the state machine relies on:
 5. after a successful foreach step, writes the item list the Map reads,
    ``<flow>/<run>/_run/sfn/<step>/<task>/items.json`` = ``[{"index": 0}, ...]``; after a
    switch, ``.../switch.json`` = ``{"step": "<chosen step>"}``;
-6. exits with the runner's code: 0 success, anything else fails the Batch job and so
+6. stores the attempt's stdout and stderr at their usual datastore keys (they also go
+   to the container's output, so to CloudWatch Logs, as it runs);
+7. exits with the runner's code: 0 success, anything else fails the Batch job and so
    the Task state, which Step Functions retries per ``@retry``.
 
 Infrastructure failures before the runner starts (package, datastore) exit 2, which
@@ -45,11 +47,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,15 +211,65 @@ async def _prepare(args: argparse.Namespace, env: Mapping[str, str], datastore: 
             await close()
 
 
-async def _write_outputs(spec: Any, datastore: dict[str, Any]) -> None:
-    """What the state machine reads after a foreach or a switch task (see the module docstring)."""
+class _CapturedOutput:
+    """Copies what the attempt writes on fds 1 and 2 to files, while it still reaches the
+    container's own output (CloudWatch Logs); fd-level, so child processes are captured too."""
+
+    JOIN_TIMEOUT_S = 10.0
+
+    def __init__(self, folder: Path) -> None:
+        self.files = {name: folder / name for name in (layout.STDOUT, layout.STDERR)}
+        self._saved: list[tuple[int, int]] = []
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _CapturedOutput:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, name in ((1, layout.STDOUT), (2, layout.STDERR)):
+            saved = os.dup(fd)
+            read_end, write_end = os.pipe()
+            os.dup2(write_end, fd)
+            os.close(write_end)
+            self._saved.append((fd, saved))
+            thread = threading.Thread(target=self._pump, args=(read_end, saved, self.files[name]),
+                                      name=f"capture-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    @staticmethod
+    def _pump(read_end: int, saved: int, path: Path) -> None:
+        with open(path, "wb") as out:
+            while chunk := os.read(read_end, 65536):
+                os.write(saved, chunk)
+                out.write(chunk)
+        os.close(read_end)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in self._saved:
+            os.dup2(saved, fd)  # closes the pipe's write end: the pump reads EOF
+        for thread in self._threads:
+            thread.join(self.JOIN_TIMEOUT_S)
+        for _, saved in self._saved:
+            os.close(saved)
+
+
+async def _finish(spec: Any, datastore: dict[str, Any], logs: Mapping[str, Path], succeeded: bool) -> None:
+    """Store the attempt's logs; after a foreach or a switch, what the state machine reads next."""
     from millstream.datastore.backends import open_store
     from millstream.datastore.records import AttemptKey, read_done
 
     store = open_store(datastore)
+    key = AttemptKey(spec.flow, spec.run_id, spec.step, spec.task_id, spec.attempt)
     try:
-        done = await read_done(store, AttemptKey(spec.flow, spec.run_id, spec.step, spec.task_id, spec.attempt))
-        done = done or {}
+        for name, path in logs.items():
+            with contextlib.suppress(FileNotFoundError):
+                await store.put(key.stdout_key if name == layout.STDOUT else key.stderr_key, path.read_bytes())
+        if not succeeded:
+            return
+        done = await read_done(store, key) or {}
         if done.get("foreach"):
             items = [{"index": i} for i in range(int(done["foreach"]["num_splits"]))]
             await store.put(output_key(spec.flow, spec.run_id, spec.step, spec.task_id, ITEMS),
@@ -247,10 +301,11 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     except Exception:
         traceback.print_exc()
         return EXIT_INFRA_FAILURE
-    code = run_spec(spec, flow_cls)
-    if code == EXIT_OK:
+    with tempfile.TemporaryDirectory(prefix="millstream-logs-") as folder:
+        with _CapturedOutput(Path(folder)) as captured:
+            code = run_spec(spec, flow_cls)
         try:
-            asyncio.run(_write_outputs(spec, datastore))
+            asyncio.run(_finish(spec, datastore, captured.files, code == EXIT_OK))
         except Exception:
             traceback.print_exc()
             return EXIT_INFRA_FAILURE

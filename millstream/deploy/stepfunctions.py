@@ -184,9 +184,9 @@ class _Compiler:
         jobdef = job_definition_name(props)
         self.job_definitions[jobdef] = props
         o = self.options
-        task_ref = self._task_id_ref(depth)
         params: dict[str, Any] = {
-            "JobName.$": f"States.Format('{self.flow}-{name}-{{}}-{{}}', $.run_id, {task_ref})",
+            # Batch job names are at most 128 characters; the run and task go in Parameters.
+            "JobName": f"{self.flow}-{name}"[:128],
             "JobQueue": _queue(node) or o.job_queue,
             "JobDefinition": jobdef,
             "Parameters": {

@@ -9,7 +9,8 @@ Two in-process patches of moto 5.2.5 (the server runs in this process):
 - moto's Batch in simple mode marks a job SUCCEEDED inside SubmitJob without running it;
   here SubmitJob runs the job's command instead (``Ref::`` placeholders replaced by the
   job's parameters, the job definition's environment plus the overrides) as a local
-  subprocess, and the job ends SUCCEEDED or FAILED by its exit code. That is the
+  subprocess on a thread of its own (SubmitJob returns at once, as on AWS), and the job
+  ends SUCCEEDED or FAILED by its exit code. That is the
   container contract of :mod:`millstream.deploy.bootstrap`, with a process for a container.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ def local_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Job
         self._from_boto_response(response, _operation(self, boto_service_name, service_action_name).output_shape)
 
     log = JobLog()
+    threads: list[threading.Thread] = []
     work = tmp_path / "containers"
     work.mkdir()
 
@@ -81,14 +84,23 @@ def local_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Job
         overrides = job.container_overrides.get("environment") or job.container_overrides.get("Environment") or []
         env.update({e.get("name", e.get("Name")): e.get("value", e.get("Value")) for e in overrides})
         env["MILLSTREAM_PACKAGE_DIR"] = str(work)
-        done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                              check=False)
-        log.jobs.append({"name": job.job_name, "rc": done.returncode, "stderr": done.stderr,
-                         "stdout": done.stdout, "parameters": dict(job.parameters)})
-        job.exit_code = done.returncode
-        job._mark_stopped(success=done.returncode == 0)
+        job.status = "RUNNING"
+
+        def container() -> None:
+            done = subprocess.run(command, env=env, cwd=work, capture_output=True, text=True,
+                                  timeout=JOB_TIMEOUT_S, check=False)
+            log.jobs.append({"name": job.job_name, "rc": done.returncode, "stderr": done.stderr,
+                             "stdout": done.stdout, "parameters": dict(job.parameters)})
+            job.exit_code = done.returncode
+            job._mark_stopped(success=done.returncode == 0)
+
+        thread = threading.Thread(target=container, name=f"batch-job-{job.job_id}", daemon=True)
+        threads.append(thread)
+        thread.start()
 
     monkeypatch.setattr(StateTaskService, "_normalise_parameters", normalise_parameters)
     monkeypatch.setattr(StateTaskService, "_normalise_response", normalise_response)
     monkeypatch.setattr(BatchSimpleBackend, "_mark_job_as_finished", run_job)
     yield log
+    for thread in threads:
+        thread.join(JOB_TIMEOUT_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -59,10 +60,10 @@ def execution_settings(moto: MotoServer, home: Path) -> Settings:
     return load_settings(env)
 
 
-async def run_to_end(settings: Settings, flow_file: str, params: dict[str, Any], log: JobLog
+async def run_to_end(settings: Settings, flow_file: str | Path, params: dict[str, Any], log: JobLog
                      ) -> tuple[str, str, dict[str, Any]]:
     """Deploy, trigger and wait; (flow name, run id, describe_execution)."""
-    flow_cls = load_flow(str(EXAMPLES / flow_file), None)
+    flow_cls = load_flow(str(EXAMPLES / flow_file), None)  # an absolute path stays itself
     export = build_export(flow_cls, settings)
     await deploy_export(export, settings)
     async with open_deployer(settings.stepfunctions) as deployer:
@@ -75,20 +76,40 @@ async def run_to_end(settings: Settings, flow_file: str, params: dict[str, Any],
             await asyncio.sleep(0.2)
         if execution["status"] != "SUCCEEDED":
             history = await deployer.sfn.get_execution_history(executionArn=started["execution_arn"])
-            failures = [e for e in history["events"] if "Failed" in e["type"]]
-            pytest.fail(f"execution {execution['status']}: {json.dumps(failures, default=str)[:3000]}\n"
+            failures = [e for e in history["events"] if "Failed" in e["type"] or "TimedOut" in e["type"]]
+            kinds = [e["type"] for e in history["events"]]
+            pytest.fail(f"execution {execution['status']}: {kinds}\n{json.dumps(failures, default=str)[-3000:]}\n"
                         f"{log.report()}")
     return export.name, started["run_id"], execution
 
 
-async def artifact(settings: Settings, flow: str, run_id: str, step: str, task: str, name: str) -> Any:
-    """An artifact of a task's successful attempt 0, read from the S3 datastore."""
-    import dataclasses
-
+async def done_record(settings: Settings, flow: str, run_id: str, step: str, task: str, attempt: int = 0
+                      ) -> dict[str, Any] | None:
+    """The done marker of one attempt, read from the S3 datastore."""
     store = S3Store.from_config(dataclasses.asdict(settings.datastore))
     try:
-        done = await read_done(store, AttemptKey(flow, run_id, step, task, 0))
-        assert done is not None and done["status"] == "ok", done
+        return await read_done(store, AttemptKey(flow, run_id, step, task, attempt))
+    finally:
+        await store.close()
+
+
+async def stored_log(settings: Settings, flow: str, run_id: str, step: str, task: str, stream: str) -> bytes:
+    """An attempt 0 log as stored in the S3 datastore."""
+    store = S3Store.from_config(dataclasses.asdict(settings.datastore))
+    key = AttemptKey(flow, run_id, step, task, 0)
+    try:
+        return await store.get(key.stdout_key if stream == "stdout" else key.stderr_key)
+    finally:
+        await store.close()
+
+
+async def artifact(settings: Settings, flow: str, run_id: str, step: str, task: str, name: str,
+                   attempt: int = 0) -> Any:
+    """An artifact of a task's successful attempt, read from the S3 datastore."""
+    done = await done_record(settings, flow, run_id, step, task, attempt)
+    assert done is not None and done["status"] == "ok", done
+    store = S3Store.from_config(dataclasses.asdict(settings.datastore))
+    try:
         return await ArtifactStore(store, flow).load(done["artifacts"][name]["sha"])
     finally:
         await store.close()
@@ -102,6 +123,9 @@ async def test_linear_flow_runs_in_moto(executing_moto: MotoServer, batch_queue:
     assert [j["parameters"]["step"] for j in local_batch.jobs] == ["start", "greet", "end"]
     assert all(j["parameters"]["run_id"] == run_id and j["parameters"]["task_id"] == "0" for j in local_batch.jobs)
     assert await artifact(settings, flow, run_id, "end", "0", "message") == "hello, world"
+    # Each attempt's output is in the datastore too, where the Client API reads logs.
+    assert await stored_log(settings, flow, run_id, "end", "0", "stdout") == b"done: hello, world\n"
+    assert local_batch.jobs[-1]["stdout"] == "done: hello, world\n"  # and in the container's output
 
 
 @pytest.mark.timeout(EXECUTION_TIMEOUT_S + 60)
@@ -124,3 +148,52 @@ async def test_switch_flow_takes_the_recorded_branch_in_moto(executing_moto: Mot
     flow, run_id, _ = await run_to_end(settings, "switch.py", {"size": "500"}, local_batch)
     assert [j["parameters"]["step"] for j in local_batch.jobs] == ["start", "large", "end"]
     assert await artifact(settings, flow, run_id, "end", "0", "result") == "in chunks (500)"
+
+
+@pytest.mark.timeout(EXECUTION_TIMEOUT_S + 60)
+async def test_branch_flow_runs_its_parallel_branches_in_moto(executing_moto: MotoServer, batch_queue: str,
+                                                              local_batch: JobLog, tmp_path: Path) -> None:
+    settings = execution_settings(executing_moto, tmp_path)
+    flow, run_id, _ = await run_to_end(settings, "branch.py", {}, local_batch)
+    steps = [j["parameters"]["step"] for j in local_batch.jobs]
+    assert steps[0] == "start" and sorted(steps[1:3]) == ["linear_model", "tree_model"]
+    assert steps[3:] == ["pick", "end"]
+    assert await artifact(settings, flow, run_id, "pick", "0", "scores") == {"linear": 4.5, "tree": 5.5}
+
+
+FAILING_FLOW = """
+from millstream import FlowSpec, step
+
+
+class FailingOnSfnFlow(FlowSpec):
+    @step
+    def start(self):
+        self.next(self.broken)
+
+    @step
+    def broken(self):
+        raise RuntimeError("this step always fails")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+"""
+
+
+@pytest.mark.timeout(EXECUTION_TIMEOUT_S + 60)
+async def test_a_failing_step_fails_the_execution(executing_moto: MotoServer, batch_queue: str,
+                                                  local_batch: JobLog, tmp_path: Path) -> None:
+    folder = tmp_path / "failing_flow"
+    folder.mkdir()
+    (folder / "failing_on_sfn.py").write_text(FAILING_FLOW, encoding="utf-8")
+    settings = execution_settings(executing_moto, tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="execution FAILED"):
+        await run_to_end(settings, folder / "failing_on_sfn.py", {}, local_batch)
+    assert [(j["parameters"]["step"], j["rc"]) for j in local_batch.jobs] == [("start", 0), ("broken", 1)]
+    run_id = local_batch.jobs[0]["parameters"]["run_id"]
+    failed = await done_record(settings, "FailingOnSfnFlow", run_id, "broken", "0", 0)
+    assert b"RuntimeError: this step always fails" in await stored_log(settings, "FailingOnSfnFlow", run_id,
+                                                                       "broken", "0", "stderr")
+    assert failed is not None and failed["status"] == "failed"
+    assert failed["exception"]["message"] == "this step always fails"

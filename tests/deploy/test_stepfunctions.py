@@ -64,7 +64,7 @@ def test_linear_flow_is_a_chain_of_batch_tasks(compile_example: Callable[..., An
     assert start["Resource"] == "arn:aws:states:::batch:submitJob.sync"
     assert start["ResultPath"] is None  # the state stays {"run_id": ...}
     params = start["Parameters"]
-    assert params["JobQueue"] == "queue-1"
+    assert params["JobQueue"] == "queue-1" and params["JobName"] == "HelloFlow-start"
     assert params["JobDefinition"] in compiled.job_definitions
     assert params["Parameters"]["task_id"] == "0"
     assert params["Parameters"]["attempt.$"] == "States.Format('{}', $$.State.RetryCount)"
