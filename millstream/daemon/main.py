@@ -166,6 +166,13 @@ async def serve(
         app, access_log=None, handle_signals=False, shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s)
     )
     await runner.setup()
+    # TCP first: once the socket answers, the daemon serves on every listener.
+    tcp_address = ""
+    if settings.daemon.tcp_listen:
+        host, port = parse_listen(settings.daemon.tcp_listen)
+        tcp_site = web.TCPSite(runner, host, port)
+        await tcp_site.start()
+        tcp_address = tcp_site.name
     site: web.BaseSite
     if inherited is not None:
         # systemd made the socket (owner, group, SocketMode) and keeps a copy of it
@@ -176,12 +183,6 @@ async def serve(
         site = web.UnixSite(runner, sock_path)
         await site.start()
         shared.secure_socket(sock_path)
-    tcp_address = ""
-    if settings.daemon.tcp_listen:
-        host, port = parse_listen(settings.daemon.tcp_listen)
-        tcp_site = web.TCPSite(runner, host, port)
-        await tcp_site.start()
-        tcp_address = tcp_site.name
     probe = metrics.LoopLagProbe()
     probe.start(loop)
     log.info(
