@@ -63,6 +63,20 @@ def _linear(steps: int) -> str:
     return "".join(body)
 
 
+def _sum_join(expected: int) -> str:
+    """A join that sums its inputs' ``value``, and an end that checks the sum."""
+    return f"""
+    @step
+    def join(self, inputs):
+        self.total = sum(inp.value for inp in inputs)
+        self.next(self.end)
+
+    @step
+    def end(self):
+        assert self.total == {expected}
+"""
+
+
 def _branch(width: int) -> str:
     branches = [f"b{i}" for i in range(width)]
     targets = ", ".join(f"self.{b}" for b in branches)
@@ -81,16 +95,7 @@ def _branch(width: int) -> str:
         self.value = self.seed + {i}
         self.next(self.join)
 """)
-    body.append(f"""
-    @step
-    def join(self, inputs):
-        self.total = sum(inp.value for inp in inputs)
-        self.next(self.end)
-
-    @step
-    def end(self):
-        assert self.total == {sum(1 + i for i in range(width))}
-""")
+    body.append(_sum_join(sum(1 + i for i in range(width))))
     return "".join(body)
 
 
@@ -105,16 +110,7 @@ def _foreach(width: int) -> str:
     def double(self):
         self.value = self.input * 2
         self.next(self.join)
-
-    @step
-    def join(self, inputs):
-        self.total = sum(inp.value for inp in inputs)
-        self.next(self.end)
-
-    @step
-    def end(self):
-        assert self.total == {width * (width - 1)}
-"""
+""" + _sum_join(width * (width - 1))
 
 
 # name -> (class name, docstring, body)
