@@ -107,3 +107,13 @@ def test_config_show_reports_a_bad_file_and_fails(tmp_path: Path) -> None:
 def test_a_fractional_value_for_an_integer_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"daemon\.max_body_mb must be int, got 1\.5"):
         load_settings(_env(tmp_path, "[daemon]\nmax_body_mb = 1.5\n"))
+
+
+def test_the_sqlite_metadata_store_lives_beside_the_datastore_or_the_daemon_state(tmp_path: Path) -> None:
+    local = load_settings(_env(tmp_path, MILLSTREAM_DATASTORE_ROOT=str(tmp_path / "ds")))
+    assert local.metadata.path == str(tmp_path / "ds" / "metadata.db")
+    # An S3 datastore has no local root: the file is host-local daemon state.
+    s3 = load_settings(_env(tmp_path, "[datastore]\ntype = 's3'\nbucket = 'b'\n[daemon]\nstate_dir = '/srv/ms'\n"))
+    assert s3.metadata.path == "/srv/ms/metadata.db"
+    chosen = load_settings(_env(tmp_path, "[datastore]\ntype = 's3'\n[metadata]\npath = '/data/m.db'\n"))
+    assert chosen.metadata.path == "/data/m.db"
