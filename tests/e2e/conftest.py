@@ -4,6 +4,8 @@
     s3_world          the S3 configuration of a fresh bucket; ``s3_world.daemon(...)``
                       makes (does not start) a daemon on it, optionally through the
                       fault proxy
+    s3_faults         the fault proxy (tests/aws/fault_proxy.py) in front of moto, reset
+                      before and after the test
 
 An S3 daemon's metadata store is SQLite in its state directory (the default for a
 non-local datastore), so a daemon made with a fresh state directory is a clean host that
@@ -66,6 +68,23 @@ def s3_world(daemon_factory: Callable[..., Daemon]) -> S3World:
     bucket = f"e2e-{os.getpid()}-{next(_buckets)}"
     moto.create_bucket(bucket)
     return S3World(daemon_factory, bucket, "ms/e2e", moto.url)
+
+
+@pytest.fixture(scope="session")
+def _fault_proxy_server() -> Iterator[Any]:
+    from tests.aws.fault_proxy import FaultProxy
+
+    proxy = FaultProxy(_moto().url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def s3_faults(_fault_proxy_server: Any, s3_world: S3World) -> Iterator[Any]:
+    """The fault proxy, forwarding everything, with zeroed counters."""
+    _fault_proxy_server.reset()
+    yield _fault_proxy_server
+    _fault_proxy_server.reset()
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -1,0 +1,149 @@
+"""Runs on an S3 datastore under faults, and a clean host taking over a lost daemon's runs.
+
+The daemon and its task processes reach moto through the fault proxy; every check reads
+the bucket straight from moto (tests/e2e/helpers.py), so it sees what S3 really holds.
+The flow shapes themselves run on S3 in test_runs.py and test_resume.py (``daemon_on_store``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from millstream.datastore import layout
+from millstream.datastore.artifacts import blob_sha, serialize
+from tests.conftest import EXAMPLES, Daemon, _kill_leftovers, wait_until
+from tests.e2e.conftest import S3World
+from tests.e2e.crash import check_slow_foreach_finished, step_count, submit_slow_foreach
+from tests.e2e.helpers import FLOWS, artifact, ok_attempt, run_flow, stored
+
+TRANSIENT = ["slowdown", "internal", "reset", "drop_response"]
+
+
+def _check_nothing_half_written(d: Daemon, flow: str) -> None:
+    """Every blob hashes to its key, every done marker parses and names stored blobs."""
+    view = stored(d)
+    blobs = view.list(layout.artifacts_prefix(flow))
+    assert blobs
+    for key in blobs:
+        data = view.get(key)
+        assert data is not None and blob_sha(data) == key.rsplit("/", 1)[1], key
+    markers = [k for k in view.list(f"{flow}/") if k.endswith("/" + layout.DONE)]
+    assert markers
+    for key in markers:
+        done = view.json(key)
+        for ref in done.get("artifacts", {}).values():
+            assert layout.artifact_key(flow, ref["sha"]) in blobs, (key, ref)
+
+
+def _no_open_uploads(world: S3World) -> None:
+    from tests.e2e.helpers import _s3_client
+
+    uploads = _s3_client().list_multipart_uploads(Bucket=world.bucket).get("Uploads", [])
+    assert uploads == [], uploads
+
+
+def test_transient_faults_change_nothing(s3_world: S3World, s3_faults: Any) -> None:
+    d = s3_world.daemon(endpoint_url=s3_faults.url)
+    d.start()
+    # One S3 request in five fails: throttled, a server error, a reset connection, or a
+    # response lost after S3 acted on the request. Daemon and tasks both go through it.
+    s3_faults.configure(rate=0.2, faults=TRANSIENT, seed=11)
+    run_id, proc = run_flow(d, EXAMPLES / "foreach.py", "--count", "20")
+    nested_id, nested = run_flow(d, EXAMPLES / "nested_foreach.py")
+    faults = {k: v for k, v in s3_faults.stats().items() if k in TRANSIENT}
+    s3_faults.configure(rate=0.0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert nested.returncode == 0, nested.stdout + nested.stderr
+    assert sum(faults.values()) >= 30 and set(faults) == set(TRANSIENT), faults
+
+    assert artifact(d, "ForeachFlow", run_id, "join", "total") == sum(i * i for i in range(20))
+    assert artifact(d, "NestedForeachFlow", nested_id, "join", "table") == {"a": [11, 12], "b": [21, 22], "c": [31, 32]}
+    for flow, rid in (("ForeachFlow", run_id), ("NestedForeachFlow", nested_id)):
+        for task in d.run_state(flow, rid)["tasks"]:
+            ok_attempt(task)  # exactly one successful attempt each
+        _check_nothing_half_written(d, flow)
+    _no_open_uploads(s3_world)
+
+    # The store's retry lines are millstream's, on the task's stderr: stdout stays the step's.
+    view = stored(d)
+    stderr_keys = [k for k in view.list("ForeachFlow/") if k.endswith("/" + layout.STDERR)]
+    retries = [
+        json.loads(line)
+        for key in stderr_keys
+        for line in (view.get(key) or b"").decode().splitlines()
+        if '"s3_retry"' in line
+    ]
+    assert retries and all(r["bucket"] == s3_world.bucket and r["key"] for r in retries)
+    stdout_keys = [k for k in view.list("ForeachFlow/") if k.endswith("/" + layout.STDOUT)]
+    assert all(b"s3_retry" not in (view.get(k) or b"") for k in stdout_keys)
+
+
+def _resume(d: Daemon, flow_file: Path) -> tuple[str, Any]:
+    id_file = d.root / "resume-id"
+    proc = d.run_flow(flow_file, "resume", "--run-id-file", str(id_file))
+    return (id_file.read_text().strip() if id_file.exists() else ""), proc
+
+
+def test_a_permanent_fault_names_bucket_key_and_cause_then_resume_succeeds(s3_world: S3World, s3_faults: Any) -> None:
+    from tests.aws.fault_proxy import Rule
+
+    d = s3_world.daemon(endpoint_url=s3_faults.url)
+    d.start()
+    # The join's total (150 for six splits) is the one blob only the join writes: refuse it.
+    sha, _ = serialize(sum(i * 10 for i in range(6)))
+    key = f"{s3_world.prefix}/{layout.artifact_key('ResumableFlow', sha)}"
+    s3_faults.configure(rules=[Rule("deny", method="PUT", path=re.escape(f"/{s3_world.bucket}/{key}"))])
+    origin, proc = run_flow(d, FLOWS / "resumable.py")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    state = d.run_state("ResumableFlow", origin)
+    assert state["status"] == "failed"
+    message = state["message"]
+    assert f"s3://{s3_world.bucket}/{key}" in message and "AccessDenied" in message and "403" in message, message
+    join = next(t for t in state["tasks"] if t["step"] == "join")
+    assert len(join["attempts"]) > 1, "an infrastructure failure is retried before the run fails"
+    assert stored(d).get(key.removeprefix(f"{s3_world.prefix}/")) is None
+
+    s3_faults.configure(rules=[])
+    new, proc = _resume(d, FLOWS / "resumable.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert artifact(d, "ResumableFlow", new, "join", "total") == 150
+    cloned = {
+        f"{t['step']}/{t['task_id']}"
+        for t in d.run_state("ResumableFlow", new)["tasks"]
+        if (t["attempts"][-1]["handle"] or {}).get("cloned_from")
+    }
+    assert cloned == {"start/0"} | {f"work/{i}" for i in range(6)}
+    _check_nothing_half_written(d, "ResumableFlow")
+
+
+@pytest.mark.parametrize("lost", ["daemon", "host"])
+def test_a_clean_host_finishes_the_runs_of_a_killed_daemon(s3_world: S3World, lost: str) -> None:
+    old = s3_world.daemon()
+    old.start()
+    client, run_id = submit_slow_foreach(old)
+    wait_until(lambda: step_count(old, run_id, "work", "ok") >= 3, 30, 0.02)
+    # The following client would start a daemon of its own on the old socket: it goes too.
+    client.kill()
+    client.communicate(timeout=10)
+    assert old.stop(signal.SIGKILL) == -signal.SIGKILL
+    if lost == "host":
+        # The machine is gone: its zygotes and running attempts die with it.
+        _kill_leftovers(old.root)
+    new = s3_world.daemon()  # a fresh state dir, spool and metadata file: only the bucket is shared
+    assert not (new.root / "state").exists()
+    new.start()
+    check_slow_foreach_finished(new, run_id)
+    state = new.run_state("SlowForeachFlow", run_id)
+    lost_attempts = [a for t in state["tasks"] for a in t["attempts"] if a["status"] == "failed"]
+    if lost == "host":
+        assert lost_attempts, "attempts running on the lost host are failed and retried"
+        assert all("lost" in a["message"] for a in lost_attempts), lost_attempts
+    wait_until(lambda: stored(new).json(layout.active_runs_key("default")) == {"runs": []}, 10)
+    # The code package came from S3 into the new host's state dir.
+    assert list((new.root / "state" / "packages").iterdir())
