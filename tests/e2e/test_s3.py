@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,40 @@ def test_a_clean_host_finishes_the_runs_of_a_killed_daemon(s3_world: S3World, lo
     wait_until(lambda: stored(new).json(layout.active_runs_key("default")) == {"runs": []}, 10)
     # The code package came from S3 into the new host's state dir.
     assert list((new.root / "state" / "packages").iterdir())
+
+
+CLIENT_SCRIPT = """
+import json
+from millstream import Flow, namespace
+
+namespace(None)
+run = Flow("HelloFlow").latest_run
+print(json.dumps({
+    "id": run.id,
+    "successful": run.successful,
+    "message": run["end"].task.data.message,
+    "stdout": run["greet"].task.stdout,
+    "steps": sorted(step.id for step in run),
+}))
+"""
+
+
+def test_the_client_api_reads_runs_from_s3(s3_world: S3World) -> None:
+    d = s3_world.daemon()
+    d.start()
+    run_id, proc = run_flow(d, EXAMPLES / "hello.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Another process, configured like the daemon (bucket, prefix, endpoint, metadata file):
+    # the notebook's view of the same run.
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT_SCRIPT], env=d.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen == {
+        "id": run_id,
+        "successful": True,
+        "message": "hello, world",
+        "stdout": "hello, world\n",
+        "steps": ["end", "greet", "start"],
+    }
