@@ -4,6 +4,7 @@
     s3_world          the S3 configuration of a fresh bucket; ``s3_world.daemon(...)``
                       makes (does not start) a daemon on it, optionally through the
                       fault proxy
+    metadata_service  ``millstream metadata-service`` on a fresh PostgreSQL database; its URL
     s3_faults         the fault proxy (tests/aws/fault_proxy.py) in front of moto, reset
                       before and after the test
 
@@ -17,15 +18,22 @@ moto is a test dependency: where it is missing the S3 cases are skipped, except 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, wait_until
+from tests.metadata.service_fixture import API_KEY, fresh_database
 
 _buckets = itertools.count()
 
@@ -93,3 +101,49 @@ def daemon_on_store(request: pytest.FixtureRequest, daemon_factory: Callable[...
     d = daemon_factory() if request.param == "local" else request.getfixturevalue("s3_world").daemon()
     d.start()
     yield d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def metadata_service(tmp_path: Path) -> Iterator[str]:
+    """`millstream metadata-service` as a subprocess on a fresh database; yields its URL."""
+    stack = contextlib.AsyncExitStack()
+    loop = asyncio.new_event_loop()
+    dsn = loop.run_until_complete(stack.enter_async_context(fresh_database()))
+    keys = tmp_path / "keys"
+    keys.write_text(API_KEY + "\n")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "millstream",
+            "metadata-service",
+            "--dsn",
+            dsn,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--api-key-file",
+            str(keys),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(answers, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        loop.run_until_complete(stack.aclose())
+        loop.close()

@@ -23,6 +23,7 @@ from tests.conftest import EXAMPLES, Daemon, _kill_leftovers, wait_until
 from tests.e2e.conftest import S3World
 from tests.e2e.crash import check_slow_foreach_finished, step_count, submit_slow_foreach
 from tests.e2e.helpers import FLOWS, artifact, ok_attempt, run_flow, stored
+from tests.metadata.service_fixture import API_KEY
 
 TRANSIENT = ["slowdown", "internal", "reset", "drop_response"]
 
@@ -124,9 +125,9 @@ def test_a_permanent_fault_names_bucket_key_and_cause_then_resume_succeeds(s3_wo
     _check_nothing_half_written(d, "ResumableFlow")
 
 
-@pytest.mark.parametrize("lost", ["daemon", "host"])
-def test_a_clean_host_finishes_the_runs_of_a_killed_daemon(s3_world: S3World, lost: str) -> None:
-    old = s3_world.daemon()
+def _take_over(s3_world: S3World, *, kill_host: bool, **settings: str) -> tuple[Daemon, str]:
+    """Kill a daemon (SIGKILL) mid-foreach, start one on a clean host; (new daemon, run id)."""
+    old = s3_world.daemon(**settings)
     old.start()
     client, run_id = submit_slow_foreach(old)
     wait_until(lambda: step_count(old, run_id, "work", "ok") >= 3, 30, 0.02)
@@ -134,21 +135,44 @@ def test_a_clean_host_finishes_the_runs_of_a_killed_daemon(s3_world: S3World, lo
     client.kill()
     client.communicate(timeout=10)
     assert old.stop(signal.SIGKILL) == -signal.SIGKILL
-    if lost == "host":
+    if kill_host:
         # The machine is gone: its zygotes and running attempts die with it.
         _kill_leftovers(old.root)
-    new = s3_world.daemon()  # a fresh state dir, spool and metadata file: only the bucket is shared
+    new = s3_world.daemon(**settings)  # a fresh state dir, spool and packages: the bucket is shared
     assert not (new.root / "state").exists()
     new.start()
     check_slow_foreach_finished(new, run_id)
+    wait_until(lambda: stored(new).json(layout.active_runs_key("default")) == {"runs": []}, 10)
+    # The code package came from S3 into the new host's state dir.
+    assert list((new.root / "state" / "packages").iterdir())
+    return new, run_id
+
+
+@pytest.mark.parametrize("lost", ["daemon", "host"])
+def test_a_clean_host_finishes_the_runs_of_a_killed_daemon(s3_world: S3World, lost: str) -> None:
+    # Only the bucket is shared: the metadata store is SQLite in each host's state dir.
+    new, run_id = _take_over(s3_world, kill_host=lost == "host")
     state = new.run_state("SlowForeachFlow", run_id)
     lost_attempts = [a for t in state["tasks"] for a in t["attempts"] if a["status"] == "failed"]
     if lost == "host":
         assert lost_attempts, "attempts running on the lost host are failed and retried"
-        assert all("lost" in a["message"] for a in lost_attempts), lost_attempts
-    wait_until(lambda: stored(new).json(layout.active_runs_key("default")) == {"runs": []}, 10)
-    # The code package came from S3 into the new host's state dir.
-    assert list((new.root / "state" / "packages").iterdir())
+    assert all("lost" in a["message"] for a in lost_attempts), lost_attempts
+
+
+def test_a_clean_host_sharing_the_metadata_service_carries_on(s3_world: S3World, metadata_service: str) -> None:
+    new, run_id = _take_over(
+        s3_world, kill_host=True, metadata_type="service", metadata_url=metadata_service, metadata_api_key=API_KEY
+    )
+
+    def recorded_ok() -> bool:
+        status, body = new.request("GET", "/v1/runs?flow=SlowForeachFlow")
+        return status == 200 and [(r["run_id"], r["status"]) for r in body["runs"]] == [(run_id, "ok")]
+
+    wait_until(recorded_ok, 15)
+    # The next run of the flow gets the next id on the new host, and runs on S3.
+    next_id, proc = run_flow(new, FLOWS / "slow_foreach.py", "--width", "2", "--nap", "0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert int(next_id) == int(run_id) + 1
 
 
 CLIENT_SCRIPT = """
