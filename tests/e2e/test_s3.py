@@ -210,3 +210,28 @@ def test_the_client_api_reads_runs_from_s3(s3_world: S3World) -> None:
         "stdout": "hello, world\n",
         "steps": ["end", "greet", "start"],
     }
+
+
+def test_logs_of_a_running_attempt_reach_s3_while_it_runs(s3_world: S3World) -> None:
+    d = s3_world.daemon()
+    d.start()
+    go = d.root / "go"
+    id_file = d.root / "waiting-id"
+    client = subprocess.Popen(
+        [sys.executable, str(FLOWS / "waiting_flow.py"), "run", "--run-id-file", str(id_file)],
+        env=dict(d.env, MS_GO=str(go)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        run_id = wait_until(lambda: id_file.exists() and id_file.read_text().strip(), 30)
+        key = layout.stdout_key("WaitingFlow", run_id, "wait", "0", 0)
+        # Copied every 5 s while the attempt runs: another machine can follow it.
+        assert wait_until(lambda: stored(d).get(key), 20) == b"waiting for the go\n"
+        assert d.run_state("WaitingFlow", run_id)["steps"]["wait"]["running"] == 1
+    finally:
+        go.touch()
+        out, _ = client.communicate(timeout=60)
+    assert client.returncode == 0, out
+    assert stored(d).get(key) == b"waiting for the go\ngoing on\n"
