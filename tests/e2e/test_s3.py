@@ -191,11 +191,29 @@ print(json.dumps({
 """
 
 
-def test_the_client_api_reads_runs_from_s3(s3_world: S3World) -> None:
-    d = s3_world.daemon()
+def test_everything_lives_in_s3_and_the_client_api_reads_it(s3_world: S3World, s3_faults: Any) -> None:
+    d = s3_world.daemon(endpoint_url=s3_faults.url)  # the proxy only counts here
     d.start()
+    first, proc = run_flow(d, EXAMPLES / "hello.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     run_id, proc = run_flow(d, EXAMPLES / "hello.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The same code twice: one package, uploaded once.
+    packages = stored(d).list(layout.PACKAGES_DIR + "/")
+    assert len(packages) == 1, packages
+    assert len(s3_faults.requests_to(r"/packages/", "PUT")) == 1
+    keys = set(stored(d).list(""))
+    for key in (
+        layout.active_runs_key("default"),
+        layout.checkpoint_key("HelloFlow", run_id),
+        layout.params_key("HelloFlow", run_id),
+        f"{layout.run_prefix('HelloFlow', run_id)}_run/run.json",
+        layout.done_key("HelloFlow", run_id, "greet", "0", 0),
+        layout.stdout_key("HelloFlow", run_id, "greet", "0", 0),
+    ):
+        assert key in keys, key
+    # Nothing of the datastore was written on the host: the root the factory names stays absent.
+    assert not d.datastore.exists()
     # Another process, configured like the daemon (bucket, prefix, endpoint, metadata file):
     # the notebook's view of the same run.
     out = subprocess.run(
