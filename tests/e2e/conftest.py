@@ -40,6 +40,9 @@ _buckets = itertools.count()
 
 def _moto() -> Any:
     try:
+        import boto3  # noqa: F401 - the checks read the bucket with it
+        import moto.server  # noqa: F401 - imported lazily by shared_moto
+
         from tests.aws.moto_server import shared_moto
     except ImportError as exc:  # moto or boto3 not installed
         if os.environ.get("CI") == "true":
