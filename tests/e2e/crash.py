@@ -12,7 +12,7 @@ from tests.e2e.helpers import FLOWS, artifact, done_marker, stored
 WIDTH = 12
 
 
-def submit_slow_foreach(d: Daemon) -> tuple[subprocess.Popen[str], str]:
+def submit_slow_foreach(d: Daemon, nap_s: float = 0.4) -> tuple[subprocess.Popen[str], str]:
     """Start ``slow_foreach.py run`` (it follows the run); returns the client and the run id."""
     id_file = d.root / "run-id"
     proc = subprocess.Popen(
@@ -25,7 +25,7 @@ def submit_slow_foreach(d: Daemon) -> tuple[subprocess.Popen[str], str]:
             "--width",
             str(WIDTH),
             "--nap",
-            "0.4",
+            str(nap_s),
             "--max-workers",
             "4",
         ],

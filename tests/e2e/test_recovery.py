@@ -33,7 +33,8 @@ def test_daemon_killed_mid_run(daemon: Daemon, point: str, sig: int) -> None:
 
 
 def test_sigterm_is_prompt_and_leaves_attempts_running(daemon: Daemon) -> None:
-    client, run_id = submit_slow_foreach(daemon)
+    # Splits long enough to outlive a stop on a loaded machine (a stop takes up to ~1 s there).
+    client, run_id = submit_slow_foreach(daemon, nap_s=3.0)
     wait_until(lambda: step_count(daemon, run_id, "work", "running") >= 2, 30, 0.02)
     running = [t for t in daemon.run_state("SlowForeachFlow", run_id)["tasks"] if t["status"] == "running"]
     pids = [t["attempts"][-1]["handle"]["pid"] for t in running]
