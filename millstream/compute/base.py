@@ -21,6 +21,7 @@ class LaunchRequest:
     cpu: float = 0.5
     memory_mb: int = 0
     timeout_s: float | None = None
+    owner_uid: int | None = None  # the submitting user's uid, whom a local task runs as where it can
 
 
 class ComputeBackend(Protocol):
