@@ -66,3 +66,12 @@ def check_slow_foreach_finished(d: Daemon, run_id: str) -> None:
             if (done_marker(d, "SlowForeachFlow", run_id, task["step"], task["task_id"], n) or {}).get("status") == "ok"
         ]
         assert len(oks) == 1, task
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False

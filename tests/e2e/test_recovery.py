@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from tests.conftest import Daemon, wait_until
-from tests.e2e.crash import check_slow_foreach_finished, step_count, submit_slow_foreach
+from tests.e2e.crash import alive, check_slow_foreach_finished, step_count, submit_slow_foreach
 
 POINTS = {
     "start running": lambda d, r: step_count(d, r, "start", "running") >= 1 or step_count(d, r, "start", "ok") >= 1,
@@ -43,19 +43,11 @@ def test_sigterm_is_prompt_and_leaves_attempts_running(daemon: Daemon) -> None:
     started = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 5
-    alive = [pid for pid in pids if _alive(pid)]
-    assert alive, "the attempts should outlive the daemon"
+    survivors = [pid for pid in pids if alive(pid)]
+    assert survivors, "the attempts should outlive the daemon"
     checkpoint = json.loads((daemon.datastore / "SlowForeachFlow" / run_id / "_run" / "checkpoint.json").read_text())
     assert checkpoint["version"] == 1
     daemon.start()
     check_slow_foreach_finished(daemon, run_id)
     out, _ = client.communicate(timeout=60)
     assert client.returncode == 0, out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False

@@ -21,7 +21,7 @@ from millstream.datastore import layout
 from millstream.datastore.artifacts import blob_sha, serialize
 from tests.conftest import EXAMPLES, Daemon, _kill_leftovers, wait_until
 from tests.e2e.conftest import S3World
-from tests.e2e.crash import check_slow_foreach_finished, step_count, submit_slow_foreach
+from tests.e2e.crash import alive, check_slow_foreach_finished, step_count, submit_slow_foreach
 from tests.e2e.helpers import FLOWS, artifact, ok_attempt, run_flow, stored
 from tests.metadata.service_fixture import API_KEY
 
@@ -125,14 +125,6 @@ def test_a_permanent_fault_names_bucket_key_and_cause_then_resume_succeeds(s3_wo
     _check_nothing_half_written(d, "ResumableFlow")
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process runs (a zombie does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
 def _take_over(s3_world: S3World, *, kill_host: bool, **settings: str) -> tuple[Daemon, str]:
     """Kill a daemon (SIGKILL) mid-foreach, start one on a clean host; (new daemon, run id)."""
     old = s3_world.daemon(**settings)
@@ -152,7 +144,7 @@ def _take_over(s3_world: S3World, *, kill_host: bool, **settings: str) -> tuple[
     if kill_host:
         # The machine is gone: its zygotes and running attempts die with it.
         _kill_leftovers(old.root)
-        wait_until(lambda: not [pid for pid in running_pids if _alive(pid)], 10)
+        wait_until(lambda: not [pid for pid in running_pids if alive(pid)], 10)
     new = s3_world.daemon(**settings)  # a fresh state dir, spool and packages: the bucket is shared
     assert not (new.root / "state").exists()
     new.start()
