@@ -46,7 +46,7 @@ import contextlib
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -536,13 +536,13 @@ def reader_for(settings: Settings) -> RunReader:
 
     ds, meta = settings.datastore, settings.metadata
     with_metadata = meta.type == "service" or Path(meta.path).is_file()
-    key = (ds.type, ds.root, ds.durable, with_metadata, meta.type, meta.path, meta.url, meta.api_key,
-           meta.api_key_file)
+    # Every datastore field (an S3 bucket, prefix, endpoint...) is part of the identity.
+    key = (*astuple(ds), with_metadata, meta.type, meta.path, meta.url, meta.api_key, meta.api_key_file)
     with _readers_lock:
         reader = _readers.get(key)
         if reader is None:
             # inline: the private loop has nothing else to run while one read blocks it.
-            store = open_store({"type": ds.type, "root": ds.root, "durable": ds.durable, "inline": True})
+            store = open_store({**asdict(ds), "inline": True})
             view = DatastoreView(store)
             reader = view
             if with_metadata:

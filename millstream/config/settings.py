@@ -66,7 +66,7 @@ class MetadataSettings:
     """Where runs, tasks and artifacts are recorded."""
 
     type: str = "sqlite"  # or "service"
-    path: str = ""  # sqlite: default <datastore.root>/metadata.db for a local datastore
+    path: str = ""  # sqlite: <datastore.root>/metadata.db (local), <daemon.state_dir>/metadata.db (s3)
     url: str = ""  # service: http://host:port
     api_key_file: str = ""  # service: a file holding the API key
     api_key: str = ""  # service: the key itself (MILLSTREAM_METADATA_API_KEY); never printed
@@ -226,14 +226,17 @@ def _with_local_defaults(settings: Settings, env: Mapping[str, str]) -> Settings
                           "daemon.tokens_file: the TCP listener only serves callers with a bearer token")
     if not ds.root:
         ds = replace(ds, root=str(data_home / "datastore"))
-    if not meta.path:
-        # Beside a local datastore, so one root is one whole world (as Metaflow's .metaflow).
-        base = Path(ds.root) if ds.type == "local" else data_home
-        meta = replace(meta, path=str(base / "metadata.db"))
     if not daemon.socket:
         daemon = replace(daemon, socket=str(socket_dir / "daemon.sock"))
     if not daemon.state_dir:
         daemon = replace(daemon, state_dir=str(data_home / "daemon"))
+    if not meta.path:
+        # Beside a local datastore, so one root is one whole world (as Metaflow's .metaflow).
+        # A remote datastore has no local root: the file is the daemon's host-local state,
+        # beside its spool and unpacked packages (docs/s3.md: share the metadata service
+        # between hosts instead).
+        base = Path(ds.root) if ds.type == "local" else Path(daemon.state_dir)
+        meta = replace(meta, path=str(base / "metadata.db"))
     return replace(settings, datastore=ds, daemon=daemon, metadata=meta)
 
 

@@ -42,7 +42,7 @@ from millstream.daemon.engine import Engine
 from millstream.daemon.identity import Authority, load_tokens
 from millstream.daemon.resources import ResourcePool, host_memory_mb
 from millstream.daemon.sharedhost import SharedHost
-from millstream.datastore.backends import open_store
+from millstream.datastore.backends import close_store, describe_store, open_store
 from millstream.errors import ConfigError
 from millstream.metadata.backends import metadata_store
 
@@ -189,7 +189,8 @@ async def serve(
         "daemon_ready",
         socket=sock_path,
         pid=os.getpid(),
-        datastore=settings.datastore.root,
+        datastore=describe_store(datastore_config),
+        metadata=settings.metadata.url or settings.metadata.path,
         slots=pool.slots,
         cpus=pool.cpus,
         socket_activated=inherited is not None,
@@ -220,6 +221,7 @@ async def serve(
         await retirer
     await runner.cleanup()
     await metadata.close()
+    await close_store(store)
     log.info("daemon_stopped")
     return 0
 

@@ -19,8 +19,9 @@ def open_store(config: dict[str, Any]) -> ObjectStore:
     if kind == "local":
         from millstream.datastore.local import LocalStore
 
-        return LocalStore(Path(config["root"]), durable=bool(config.get("durable", True)),
-                          inline=bool(config.get("inline", False)))
+        return LocalStore(
+            Path(config["root"]), durable=bool(config.get("durable", True)), inline=bool(config.get("inline", False))
+        )
     if kind == "s3":
         # {"type": "s3", "bucket", "prefix", "region", "endpoint_url", "sse", "sse_kms_key_id",
         #  "max_concurrency", "multipart_threshold_mb", "part_size_mb", "retries"}; other keys
@@ -29,6 +30,21 @@ def open_store(config: dict[str, Any]) -> ObjectStore:
 
         return S3Store.from_config(config)
     raise DatastoreError(f"unknown datastore type {kind!r}; known: local, s3")
+
+
+async def close_store(store: ObjectStore) -> None:
+    """Release what a store holds open (S3's connection pools); the local store holds nothing."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        await close()
+
+
+def describe_store(config: dict[str, Any]) -> str:
+    """Where a datastore configuration points, for logs: a directory or ``s3://bucket/prefix``."""
+    if config.get("type", "local") == "s3":
+        prefix = str(config.get("prefix") or "").strip("/")
+        return f"s3://{config.get('bucket', '')}/{prefix}" if prefix else f"s3://{config.get('bucket', '')}"
+    return str(config.get("root", ""))
 
 
 def store_fingerprint(config: Mapping[str, Any]) -> str:

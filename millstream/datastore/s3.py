@@ -122,6 +122,35 @@ WRITER_TOKEN_META = "millstream-writer"
 
 log = structlog.get_logger("millstream.datastore.s3")
 
+_shared_session: AioSession | None = None
+
+
+def shared_session() -> AioSession:
+    """The process's aiobotocore session: its loaded service models serve every client."""
+    global _shared_session  # noqa: PLW0603 - one session per process is the point
+    if _shared_session is None:
+        _shared_session = AioSession()
+    return _shared_session
+
+
+def preload() -> None:
+    """Load aiobotocore and the S3 client machinery into :func:`shared_session`.
+
+    A zygote calls this once before forking task processes, so each of them opens its
+    first S3 client in ~10 ms instead of ~0.6 s (imports, service model, endpoint rules).
+    It makes no request and leaves no thread or open connection behind, so forking
+    stays safe.
+    """
+
+    async def open_and_close() -> None:
+        config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1})
+        # A loopback endpoint that is never contacted: creating a client sends nothing.
+        async with shared_session().create_client("s3", region_name="us-east-1",
+                                                  endpoint_url="http://127.0.0.1:9", config=config):
+            pass
+
+    asyncio.run(open_and_close())
+
 
 class _Outcome(enum.Enum):
     MISSING = "missing"  # no such key: NotFound, or False from exists
@@ -733,7 +762,7 @@ class S3Store:
             retries={"mode": "standard", "total_max_attempts": 1},
             max_pool_connections=self.max_concurrency,
         )
-        session = self._session or AioSession()
+        session = self._session or shared_session()
         try:
             return await session.create_client(
                 "s3", region_name=self.region or None, endpoint_url=self.endpoint_url or None,

@@ -6,13 +6,16 @@ only unreferenced blobs), then the done marker, written last with put-if-absent.
 The done marker is the single record of the outcome the daemon trusts.
 
 stdout and stderr belong to the user: the runner prints nothing on them except a
-failing step's traceback on stderr, as Python itself would.
+failing step's traceback on stderr, as Python itself would, and millstream's own
+log lines (JSON, on stderr: see :func:`configure_task_logging`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -24,8 +27,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
+import structlog
+
 from millstream.datastore.artifacts import ArtifactRef, ArtifactStore, serialize
-from millstream.datastore.backends import open_store
+from millstream.datastore.backends import close_store, open_store
 from millstream.datastore.records import AttemptKey, read_done, write_done, write_started
 from millstream.datastore.storage import ObjectStore
 from millstream.errors import DatastoreError, FlowError
@@ -394,6 +399,7 @@ class TaskRunner:
 
 def run_spec(spec: TaskSpec, flow_cls: type[FlowSpec] | None = None) -> int:
     """Run one attempt from its spec; the exit code of the task process."""
+    configure_task_logging()
     try:
         if flow_cls is None:
             flow_cls = load_flow_class(spec.package_dir, spec.module_file, spec.class_name)
@@ -405,6 +411,28 @@ def run_spec(spec: TaskSpec, flow_cls: type[FlowSpec] | None = None) -> int:
     try:
         return runner.run()
     finally:
+        with contextlib.suppress(Exception):
+            runner.io.run(close_store(store))
         sys.stdout.flush()
         sys.stderr.flush()
         runner.close()
+
+
+def configure_task_logging() -> None:
+    """Send millstream's own log lines (an S3 retry, say) to stderr as JSON.
+
+    stdout belongs to the step, and structlog's default printer writes there; the
+    zygote child has just pointed ``sys.stderr`` at the attempt's stderr file, so the
+    logger is bound to that stream here, per attempt.
+    """
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )

@@ -40,19 +40,19 @@ def _cloned(d: Daemon, flow: str, run_id: str) -> dict[str, str | None]:
     }
 
 
-def test_resume_inside_a_foreach_reruns_only_the_failed_split(daemon: Daemon) -> None:
+def test_resume_inside_a_foreach_reruns_only_the_failed_split(daemon_on_store: Daemon) -> None:
     # One worker: splits 0-2 succeed, 3 fails, and the failure stops the run before 4 and 5.
-    origin, code, out = _run(daemon, FLOWS / "resumable.py", "--max-workers", "1", fail="work:3")
+    origin, code, out = _run(daemon_on_store, FLOWS / "resumable.py", "--max-workers", "1", fail="work:3")
     assert code == 1, out
-    new, code, out = _run(daemon, FLOWS / "resumable.py", command="resume")
+    new, code, out = _run(daemon_on_store, FLOWS / "resumable.py", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon, FLOW, new)
+    cloned = _cloned(daemon_on_store, FLOW, new)
     assert {k for k, v in cloned.items() if v} == {"start/0", "work/0", "work/1", "work/2"}
     assert {k for k, v in cloned.items() if not v} == {"work/3", "work/4", "work/5", "join/0", "end/0"}
     assert cloned["work/0"] == f"{FLOW}/{origin}/work/0/0"
-    assert artifact(daemon, FLOW, new, "join", "total") == sum(i * 10 for i in range(6))
-    assert artifact(daemon, FLOW, new, "join", "split_runs") == [origin] * 3 + [new] * 3
-    assert artifact(daemon, FLOW, new, "end", "origin_seen") == origin
+    assert artifact(daemon_on_store, FLOW, new, "join", "total") == sum(i * 10 for i in range(6))
+    assert artifact(daemon_on_store, FLOW, new, "join", "split_runs") == [origin] * 3 + [new] * 3
+    assert artifact(daemon_on_store, FLOW, new, "end", "origin_seen") == origin
 
 
 def test_splits_running_when_another_fails_are_cancelled_then_rerun(daemon: Daemon) -> None:
@@ -114,14 +114,14 @@ def test_resume_keeps_the_origin_parameters(daemon: Daemon) -> None:
     assert artifact(daemon, FLOW, new, "join", "total") == sum(i * 10 for i in range(4))
 
 
-def test_resume_inside_nested_foreach_and_switch(daemon: Daemon) -> None:
+def test_resume_inside_nested_foreach_and_switch(daemon_on_store: Daemon) -> None:
     flow = "ResumableNestedFlow"
     # One worker: group 0's cells run, then cell 1-0 fails and stops the run.
-    origin, code, _ = _run(daemon, FLOWS / "resumable_nested.py", "--max-workers", "1", fail="fit:1-0")
+    origin, code, _ = _run(daemon_on_store, FLOWS / "resumable_nested.py", "--max-workers", "1", fail="fit:1-0")
     assert code == 1
-    new, code, out = _run(daemon, FLOWS / "resumable_nested.py", command="resume")
+    new, code, out = _run(daemon_on_store, FLOWS / "resumable_nested.py", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon, flow, new)
+    cloned = _cloned(daemon_on_store, flow, new)
     assert {k for k, v in cloned.items() if v} == {"start/0", "outer/0", "outer/1", "fit/0-0", "fit/0-1"}
     assert {k for k, v in cloned.items() if not v} == {
         "fit/1-0",
@@ -132,14 +132,14 @@ def test_resume_inside_nested_foreach_and_switch(daemon: Daemon) -> None:
         "large/0",
         "end/0",
     }
-    assert artifact(daemon, flow, new, "outer_join", "grid") == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert artifact(daemon_on_store, flow, new, "outer_join", "grid") == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
-    origin2, code, _ = _run(daemon, FLOWS / "resumable_nested.py", fail="large")
+    origin2, code, _ = _run(daemon_on_store, FLOWS / "resumable_nested.py", fail="large")
     assert code == 1
-    new2, code, out = _run(daemon, FLOWS / "resumable_nested.py", command="resume")
+    new2, code, out = _run(daemon_on_store, FLOWS / "resumable_nested.py", command="resume")
     assert code == 0, out
-    assert {k for k, v in _cloned(daemon, flow, new2).items() if not v} == {"large/0", "end/0"}
-    assert artifact(daemon, flow, new2, "large", "result") == "large"
+    assert {k for k, v in _cloned(daemon_on_store, flow, new2).items() if not v} == {"large/0", "end/0"}
+    assert artifact(daemon_on_store, flow, new2, "large", "result") == "large"
 
 
 def test_resume_errors(daemon: Daemon, tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from tests.conftest import EXAMPLES, Daemon
 from tests.e2e.helpers import FLOWS, artifact, done_marker, ok_attempt, run_flow
 
 
-def test_hello(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "hello.py")
+def test_hello(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "hello.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert f"[{run_id}/greet/0 (pid" in proc.stdout and "hello, world" in proc.stdout
     assert proc.stdout.rstrip().endswith("Done!")
-    assert artifact(daemon, "HelloFlow", run_id, "end", "message") == "hello, world"
+    assert artifact(daemon_on_store, "HelloFlow", run_id, "end", "message") == "hello, world"
 
 
 def test_run_ids_are_monotonic(daemon: Daemon) -> None:
@@ -38,41 +38,41 @@ def test_too_many_splits_is_a_clear_error(daemon: Daemon) -> None:
     assert daemon.run_state("ForeachFlow", run_id)["status"] == "failed"
 
 
-def test_nested_foreach(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "nested_foreach.py")
+def test_nested_foreach(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "nested_foreach.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert artifact(daemon, "NestedForeachFlow", run_id, "join", "table") == {
+    assert artifact(daemon_on_store, "NestedForeachFlow", run_id, "join", "table") == {
         "a": [11, 12],
         "b": [21, 22],
         "c": [31, 32],
     }
-    fits = {t["task_id"] for t in daemon.run_state("NestedForeachFlow", run_id)["tasks"] if t["step"] == "fit"}
+    fits = {t["task_id"] for t in daemon_on_store.run_state("NestedForeachFlow", run_id)["tasks"] if t["step"] == "fit"}
     assert fits == {f"{i}-{j}" for i in range(3) for j in range(2)}
 
 
-def test_branch_and_merge_artifacts(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "branch.py")
+def test_branch_and_merge_artifacts(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "branch.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert artifact(daemon, "BranchFlow", run_id, "pick", "best_model") == "tree"
-    assert artifact(daemon, "BranchFlow", run_id, "end", "seed") == 42
-    assert artifact(daemon, "BranchFlow", run_id, "end", "scores") == {"linear": 4.5, "tree": 5.5}
+    assert artifact(daemon_on_store, "BranchFlow", run_id, "pick", "best_model") == "tree"
+    assert artifact(daemon_on_store, "BranchFlow", run_id, "end", "seed") == 42
+    assert artifact(daemon_on_store, "BranchFlow", run_id, "end", "scores") == {"linear": 4.5, "tree": 5.5}
 
 
 @pytest.mark.parametrize(("size", "branch"), [("5", "small"), ("500", "large")])
-def test_switch(daemon: Daemon, size: str, branch: str) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "switch.py", "--size", size)
+def test_switch(daemon_on_store: Daemon, size: str, branch: str) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "switch.py", "--size", size)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    steps = {t["step"] for t in daemon.run_state("SwitchFlow", run_id)["tasks"]}
+    steps = {t["step"] for t in daemon_on_store.run_state("SwitchFlow", run_id)["tasks"]}
     assert steps == {"start", branch, "end"}
-    assert artifact(daemon, "SwitchFlow", run_id, "end", "route") == branch
+    assert artifact(daemon_on_store, "SwitchFlow", run_id, "end", "route") == branch
 
 
-def test_parameters(daemon: Daemon) -> None:
+def test_parameters(daemon_on_store: Daemon) -> None:
     run_id, proc = run_flow(
-        daemon, EXAMPLES / "parameters.py", "--alpha", "0.2", "--epochs", "2", "--config", '{"layers": [3]}'
+        daemon_on_store, EXAMPLES / "parameters.py", "--alpha", "0.2", "--epochs", "2", "--config", '{"layers": [3]}'
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert artifact(daemon, "ParameterFlow", run_id, "end", "schedule") == [0.2, 0.1]
+    assert artifact(daemon_on_store, "ParameterFlow", run_id, "end", "schedule") == [0.2, 0.1]
     assert "hello from" in proc.stdout and "[3]" in proc.stdout
 
 
@@ -82,31 +82,31 @@ def test_bad_parameter_value_fails_before_submitting(daemon: Daemon) -> None:
     assert "epochs" in proc.stderr + proc.stdout
 
 
-def test_retry_then_success(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, FLOWS / "retry_flow.py")
+def test_retry_then_success(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, FLOWS / "retry_flow.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    task = next(t for t in daemon.run_state("RetryFlow", run_id)["tasks"] if t["step"] == "flaky")
+    task = next(t for t in daemon_on_store.run_state("RetryFlow", run_id)["tasks"] if t["step"] == "flaky")
     assert [a["status"] for a in task["attempts"]] == ["failed", "ok"]
     assert "first attempt fails on purpose" in task["attempts"][0]["message"]
-    assert artifact(daemon, "RetryFlow", run_id, "end", "attempt_seen") == 1
+    assert artifact(daemon_on_store, "RetryFlow", run_id, "end", "attempt_seen") == 1
 
 
-def test_catch_lets_the_flow_go_on(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, FLOWS / "catch_flow.py")
+def test_catch_lets_the_flow_go_on(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, FLOWS / "catch_flow.py")
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    caught = artifact(daemon, "CatchFlow", run_id, "end", "divide_error")
+    caught = artifact(daemon_on_store, "CatchFlow", run_id, "end", "divide_error")
     assert caught.type == "builtins.ZeroDivisionError"
     assert "caught: builtins.ZeroDivisionError" in proc.stdout
 
 
-def test_failure_fails_the_run_with_its_message(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, FLOWS / "catch_flow.py", "--fail_hard", "true")
+def test_failure_fails_the_run_with_its_message(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, FLOWS / "catch_flow.py", "--fail_hard", "true")
     assert proc.returncode == 1
-    state = daemon.run_state("CatchFlow", run_id)
+    state = daemon_on_store.run_state("CatchFlow", run_id)
     assert state["status"] == "failed"
     assert "asked to fail" in state["message"]
     task = next(t for t in state["tasks"] if t["step"] == "maybe_fail")
-    done = done_marker(daemon, "CatchFlow", run_id, "maybe_fail", "0", 0)
+    done = done_marker(daemon_on_store, "CatchFlow", run_id, "maybe_fail", "0", 0)
     assert task["status"] == "failed" and done is not None and done["status"] == "failed"
     assert "ValueError: asked to fail" in done["exception"]["traceback"]
 
@@ -122,13 +122,13 @@ def test_timeout_stops_the_step(daemon: Daemon) -> None:
     assert finished < 10
 
 
-def test_logs_command_and_api(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "hello.py")
+def test_logs_command_and_api(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "hello.py")
     assert proc.returncode == 0
-    out = daemon.cli("logs", f"HelloFlow/{run_id}/greet/0")
+    out = daemon_on_store.cli("logs", f"HelloFlow/{run_id}/greet/0")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "hello, world\n"
-    status, body = daemon.request("GET", f"/v1/runs/HelloFlow/{run_id}/logs/greet/0?stream=stdout&offset=7")
+    status, body = daemon_on_store.request("GET", f"/v1/runs/HelloFlow/{run_id}/logs/greet/0?stream=stdout&offset=7")
     assert status == 200 and body == b"world\n"
 
 
@@ -140,10 +140,10 @@ def test_runs_and_status_commands(daemon: Daemon) -> None:
     assert status.returncode == 0 and "greet" in status.stdout
 
 
-def test_every_attempt_ran_once_when_nothing_failed(daemon: Daemon) -> None:
-    run_id, proc = run_flow(daemon, EXAMPLES / "foreach.py", "--count", "30")
+def test_every_attempt_ran_once_when_nothing_failed(daemon_on_store: Daemon) -> None:
+    run_id, proc = run_flow(daemon_on_store, EXAMPLES / "foreach.py", "--count", "30")
     assert proc.returncode == 0
-    for task in daemon.run_state("ForeachFlow", run_id)["tasks"]:
+    for task in daemon_on_store.run_state("ForeachFlow", run_id)["tasks"]:
         assert len(task["attempts"]) == 1 and ok_attempt(task) == 0
 
 

@@ -2,65 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
-
 from tests.conftest import EXAMPLES, Daemon, wait_until
 from tests.e2e.helpers import run_flow
-from tests.metadata.service_fixture import API_KEY, fresh_database
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def metadata_service(tmp_path: Path) -> Iterator[str]:
-    """`millstream metadata-service` as a subprocess on a fresh database; yields its URL."""
-    stack = contextlib.AsyncExitStack()
-    loop = asyncio.new_event_loop()
-    dsn = loop.run_until_complete(stack.enter_async_context(fresh_database()))
-    keys = tmp_path / "keys"
-    keys.write_text(API_KEY + "\n")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "millstream",
-            "metadata-service",
-            "--dsn",
-            dsn,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--api-key-file",
-            str(keys),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def answers() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(answers, 30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        loop.run_until_complete(stack.aclose())
-        loop.close()
+from tests.metadata.service_fixture import API_KEY
 
 
 def _pair(daemon_factory, **settings: str) -> tuple[Daemon, Daemon]:  # type: ignore[no-untyped-def]

@@ -140,3 +140,13 @@ def test_config_show_lists_the_shared_host_settings_and_their_sources(tmp_path: 
     assert "admins" in lines["daemon.admin_group"]
     assert "environment $MILLSTREAM_DAEMON_ADMIN_GROUP" in lines["daemon.admin_group"]
     assert "owner" in lines["daemon.run_tasks_as"] and "default" in lines["daemon.run_tasks_as"]
+
+
+def test_the_sqlite_metadata_store_lives_beside_the_datastore_or_the_daemon_state(tmp_path: Path) -> None:
+    local = load_settings(_env(tmp_path, MILLSTREAM_DATASTORE_ROOT=str(tmp_path / "ds")))
+    assert local.metadata.path == str(tmp_path / "ds" / "metadata.db")
+    # An S3 datastore has no local root: the file is host-local daemon state.
+    s3 = load_settings(_env(tmp_path, "[datastore]\ntype = 's3'\nbucket = 'b'\n[daemon]\nstate_dir = '/srv/ms'\n"))
+    assert s3.metadata.path == "/srv/ms/metadata.db"
+    chosen = load_settings(_env(tmp_path, "[datastore]\ntype = 's3'\n[metadata]\npath = '/data/m.db'\n"))
+    assert chosen.metadata.path == "/data/m.db"
