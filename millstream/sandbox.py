@@ -244,6 +244,8 @@ class ComputeEnvironment:
                 proc.kill()
             time.sleep(0.02)
         reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
         with self._lock:
             self._procs.pop(job.job_id, None)
         code = proc.returncode

@@ -55,6 +55,7 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -387,6 +388,11 @@ class BatchBackend:
 
     def _handle(self, request: LaunchRequest, job_id: str, *, parent: str | None = None,
                 index: int | None = None) -> dict[str, Any]:
+        # The engine reads and uploads both files as for a local process; CloudWatch has
+        # one stream per container, which fills stdout, so stderr stays empty.
+        for path in (request.stdout_path, request.stderr_path):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).touch()
         handle: dict[str, Any] = {"backend": "batch", "job_id": job_id, "stdout": request.stdout_path}
         if parent is not None:
             handle.update(parent_job_id=parent, array_index=index)

@@ -120,10 +120,10 @@ def batch_sandbox(moto: MotoServer, bucket: str) -> Iterator[Any]:
 
 @pytest.fixture
 def compute_env(batch_sandbox: Any) -> Iterator[Any]:
-    """An emulated compute environment that really runs the held jobs, two at a time."""
+    """An emulated compute environment that really runs the held jobs, three at a time."""
     from millstream import sandbox
 
-    env = sandbox.ComputeEnvironment(slots=2).start()
+    env = sandbox.ComputeEnvironment(slots=3).start()
     yield env
     env.stop()
     env.drain_queue()
