@@ -608,7 +608,9 @@ class Engine:
         reason = self.backend.exit_reason(handle)
         await self.tailer.finish((run.key, task.key, attempt.number))
         await self._store_logs(run, akey)
-        if reason is not None and not timed_out:
+        # The done marker tells a step's own failure best; the backend's account is for the
+        # ends the task could not record (killed for memory, host lost, never started).
+        if reason is not None and not timed_out and (done_record is None or reason.kind is not None):
             self._finished(run, task, attempt.number, code, done_record, reason.message, decided_kind=reason.kind)
             return
         self._finished(run, task, attempt.number, code, done_record, message, kind="user" if timed_out else None)
