@@ -126,7 +126,7 @@ def test_cancel_terminates_the_jobs(batch_daemon: Daemon, compute_env: ComputeEn
     try:
         wait_until(lambda: sum(1 for j in submitted_jobs() if ":" in j.job_id) == 3, 60, 0.1)
         status, runs = batch_daemon.request("GET", "/v1/runs")
-        run_id = runs["runs"][0]["run_id"] if isinstance(runs, dict) else runs[0]["run_id"]
+        run_id = runs["runs"][0]["run_id"]
         status, body = batch_daemon.request("POST", f"/v1/runs/HybridFlow/{run_id}/cancel")
         assert status in (200, 202), body
         wait_until(lambda: all(j.stop for j in submitted_jobs() if ":" in j.job_id), 30, 0.1)
