@@ -194,6 +194,8 @@ class BatchBackend:
         self._groups: dict[str, _Group] = {}
         self._reasons: dict[str, ExitReason | None] = {}
         self._stdout: dict[str, str] = {}
+        self._prepared: dict[str, dict[tuple[str, str, int], tuple[str, int, int]]] = {}
+        self._scan_locks: dict[str, asyncio.Lock] = {}
         self._submit_bucket = TokenBucket(settings.submit_rate)
         self.poller = JobPoller(self._describe, interval_s=settings.poll_interval_s,
                                 max_interval_s=settings.max_poll_interval_s, on_update=self._on_update)
@@ -381,7 +383,8 @@ class BatchBackend:
         """The id of a job of this name in the queue, if an earlier daemon submitted one."""
         found = await self._call_retrying("batch", "list_jobs", jobQueue=queue,
                                           filters=[{"name": "JOB_NAME", "values": [name]}])
-        jobs = [j for j in found.get("jobSummaryList", []) if j.get("jobName") == name]
+        # Array children share their parent's name; the parent's id is the one wanted.
+        jobs = [j for j in found.get("jobSummaryList", []) if j.get("jobName") == name and ":" not in j["jobId"]]
         if not jobs:
             return None
         return str(max(jobs, key=lambda j: int(j.get("createdAt", 0)))["jobId"])
@@ -398,9 +401,47 @@ class BatchBackend:
             handle.update(parent_job_id=parent, array_index=index)
         return handle
 
+    async def _submitted_before(self, spec: TaskSpec) -> tuple[str, int, int] | None:
+        """``(job name, array index, array size)`` of a job an earlier daemon prepared for this attempt.
+
+        The first launch of a run in this daemon lists the run's stored job specs (one LIST
+        call; a new run has none), so an attempt whose job was submitted but not yet
+        checkpointed (the daemon died in between, perhaps with only part of an array's
+        attempts in its last checkpoint) is found, not submitted again.
+        """
+        run = f"{spec.flow}/{spec.run_id}"
+        lock = self._scan_locks.setdefault(run, asyncio.Lock())
+        async with lock:
+            if run not in self._prepared:
+                prepared: dict[tuple[str, str, int], tuple[str, int, int]] = {}
+                prefix = f"{layout.run_prefix(spec.flow, spec.run_id)}_run/batch/"
+                for key in await self.store.list(prefix):
+                    name = key[len(prefix):].removesuffix(".json")
+                    specs = json.loads(await self.store.get(key))
+                    for index, s in enumerate(specs):
+                        prepared[(s["step"], s["task_id"], int(s["attempt"]))] = (name, index, len(specs))
+                self._prepared[run] = prepared
+        return self._prepared[run].get((spec.step, spec.task_id, spec.attempt))
+
+    async def _adopt(self, request: LaunchRequest) -> dict[str, Any] | None:
+        known = await self._submitted_before(request.spec)
+        if known is None:
+            return None
+        name, index, size = known
+        job_id = await self._find_job(self._queue(request.batch or {}), name)
+        if job_id is None:
+            return None
+        log.info("batch_job_adopted", name=name, job_id=job_id, index=index)
+        if size == 1:
+            return self._handle(request, job_id)
+        return self._handle(request, f"{job_id}:{index}", parent=job_id, index=index)
+
     async def launch(self, request: LaunchRequest) -> dict[str, Any]:
         """Submit the attempt as a job, or as a child of its foreach's array job."""
         self._ensure_running()
+        adopted = await self._adopt(request)
+        if adopted is not None:
+            return adopted
         if request.array_key is None or request.array_size < 2:
             return self._handle(request, await self._submit([request]))
         return await self._join_array(request)

@@ -338,3 +338,20 @@ async def test_foreach_splits_become_one_array_job(make_backend: Callable[..., B
         drive(f"{parent}:{i}", "SUCCEEDED" if i != 2 else "FAILED", exit_code=0 if i != 2 else 1)
     codes = await asyncio.wait_for(asyncio.gather(*waiters), 5)
     assert dict(zip((r.spec.split_index for r in requests), codes, strict=True)) == {0: 0, 1: 0, 2: 1, 3: 0, 4: 0}
+
+
+async def test_a_restarted_daemon_adopts_array_children_its_checkpoint_missed(
+        make_backend: Callable[..., BatchBackend], tmp_path: Path) -> None:
+    first = make_backend()
+    key = "BatchFlow/7/train/start/0"
+    handles = await asyncio.gather(*(first.launch(request(tmp_path, spec(str(i), split=i), array_key=key,
+                                                          array_size=5)) for i in range(5)))
+    await first.close()
+    # The checkpoint held splits 0 and 1 only: the new daemon launches 2..4 as a group of 3.
+    second = make_backend()
+    again = await asyncio.gather(*(second.launch(request(tmp_path, spec(str(i), split=i), array_key=key,
+                                                         array_size=3)) for i in (2, 3, 4)))
+    assert [h["job_id"] for h in again] == [h["job_id"] for h in handles[2:]]
+    assert "submit_job" not in second.calls
+    assert second.calls["list_jobs"] == 3  # one per adopted attempt; the job spec listing is one LIST
+    assert len([j for j in _job_ids() if ":" not in j]) == 1
