@@ -336,7 +336,11 @@ def configure_moto(endpoint_url: str) -> None:
 @contextlib.contextmanager
 def sandbox(*, port: int = 0, slots: int = 4) -> Iterator[tuple[SandboxConfig, ComputeEnvironment]]:
     """A running sandbox on 127.0.0.1 (``port`` 0: any free port)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL)  # one access-log line per AWS call
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
