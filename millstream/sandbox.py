@@ -56,7 +56,8 @@ def hold_submitted_jobs() -> None:
     """Make moto's simple Batch leave submitted jobs to :class:`ComputeEnvironment`.
 
     Also makes DescribeJobs tell ``container.exitCode`` and ``container.reason`` of an
-    ended job, as Batch does (moto drops them from the full description).
+    ended job, as Batch does (moto drops them from the full description), and stops it
+    growing the job's environment at each call.
     """
     global _patched  # noqa: PLW0603 - one patch per process
     with _patch_lock:
@@ -68,8 +69,16 @@ def hold_submitted_jobs() -> None:
         describe = Job.describe
 
         def described(self: Any) -> dict[str, Any]:
+            # moto appends AWS_BATCH_JOB_ID to the overrides' own environment list at each
+            # describe (a list the children of an array share): keep it as submitted.
+            env = self.container_overrides.get("environment")
+            saved = list(env) if isinstance(env, list) else None
             result: dict[str, Any] = describe(self)
             container = result.get("container")
+            if saved is not None and env is not None:
+                if isinstance(container, dict) and isinstance(container.get("environment"), list):
+                    container["environment"] = list(container["environment"])
+                env[:] = saved
             if self.job_stopped and isinstance(container, dict):
                 if self.exit_code is not None:
                     container["exitCode"] = self.exit_code
