@@ -157,3 +157,36 @@ def test_daemon_killed_while_jobs_run_resubmits_nothing(batch_daemon: Daemon, mo
     names = [j.job_name for j in submitted_jobs() if ":" not in j.job_id]
     assert len(names) == len(set(names)) == 1  # one array job, submitted once
     assert len(compute_env.started) == 6
+
+
+def test_logs_are_followed_live_while_the_job_runs(batch_daemon: Daemon, tmp_path: Path,
+                                                   compute_env: ComputeEnvironment) -> None:
+    import subprocess
+    import sys
+
+    release = tmp_path / "release"
+    client = subprocess.Popen([sys.executable, str(FLOWS / "talking_flow.py"), "run", "--release", str(release)],
+                              env=batch_daemon.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    follower = None
+    try:
+        wait_until(lambda: any(":" not in j.job_id and j.status == "RUNNING" for j in submitted_jobs()), 90, 0.05)
+        run_id = batch_daemon.request("GET", "/v1/runs")[1]["runs"][0]["run_id"]
+        follower = subprocess.Popen([sys.executable, "-m", "millstream", "logs", f"TalkingFlow/{run_id}/talk/0",
+                                     "--follow"], env=batch_daemon.env, stdout=subprocess.PIPE, text=True)
+        assert follower.stdout is not None
+        assert follower.stdout.readline().strip() == "first line"
+        [talking] = [j for j in submitted_jobs() if j.status == "RUNNING"]
+        assert not release.exists()  # the job is still running: the line came live
+        release.touch()
+        rest, _ = follower.communicate(timeout=90)
+        # (The task runner's own S3 client may add an aiohttp warning after it.)
+        assert rest.strip().splitlines()[0] == "second line"
+        assert follower.returncode == 0
+        out, _ = client.communicate(timeout=90)
+        assert client.returncode == 0, out
+        assert talking.status == "SUCCEEDED"
+    finally:
+        for proc in (client, follower):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
