@@ -24,7 +24,7 @@ class NestedForeachFlow(FlowSpec):
     @step
     def fit(self):
         """One model on one fold."""
-        (model_i, _, model), (fold_i, _, fold) = self.foreach_stack()
+        (model_i, _, _), (_, _, fold) = self.foreach_stack()
         self.score = (model_i + 1) * 10 + fold
         self.next(self.per_model_join)
 

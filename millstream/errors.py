@@ -13,6 +13,8 @@ MillstreamError
 │   ├── MetadataNotFound      no such run or task (also KeyError)
 │   └── MetadataConflict      the request contradicts what is stored
 ├── SchedulerError            the daemon refused a run (too many splits, ...)
+├── DeployError               a flow cannot be exported to Step Functions, or AWS
+│                             refused the deployment
 └── ApiError                  a request to the daemon failed (status and code)
 """
 
@@ -92,6 +94,10 @@ class MetadataConflict(MetadataError):
 
 class SchedulerError(MillstreamError):
     """The scheduler refused to start or continue a run."""
+
+
+class DeployError(MillstreamError):
+    """A flow cannot be compiled for AWS Step Functions, or deploying it failed."""
 
 
 class ApiError(MillstreamError):

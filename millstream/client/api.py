@@ -40,12 +40,13 @@ Errors::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from millstream.client.datastore_view import (
     CLONE_FIELDS,
@@ -62,7 +63,10 @@ from millstream.client.datastore_view import run_sync as _call
 from millstream.client.pathspec import PathspecError
 from millstream.datastore import layout
 from millstream.datastore.artifacts import ArtifactRef, serialize, type_name
-from millstream.errors import DatastoreError, MetadataError, MillstreamError
+from millstream.errors import ApiError, DatastoreError, MetadataError, MillstreamError
+
+if TYPE_CHECKING:
+    from millstream.config.settings import Settings
 
 __all__ = [
     "DataArtifact", "Flow", "Metadata", "Metaflow", "MetaflowData", "MetaflowInvalidPathspec",
@@ -110,12 +114,18 @@ class MetaflowInvalidPathspec(PathspecError):
 
 
 _override: RunReader | None = None
+_override_settings: Settings | None = None
 
 
-def use_reader(reader: RunReader | None) -> None:
-    """Make every new object read through ``reader``; None goes back to the configured datastore."""
-    global _override  # noqa: PLW0603 - a process-wide switch, like namespace()
+def use_reader(reader: RunReader | None, *, settings: Settings | None = None) -> None:
+    """Make every new object read through ``reader``; None goes back to the configured datastore.
+
+    ``settings`` name the daemon that mediates changes (tags) for that reader;
+    without them, changes go to the reader's store directly.
+    """
+    global _override, _override_settings  # noqa: PLW0603 - a process-wide switch, like namespace()
     _override = reader
+    _override_settings = settings if reader is not None else None
 
 
 def _reader() -> RunReader:
@@ -174,6 +184,38 @@ def _username() -> str:
 def _may_retag(owner: str) -> bool:
     """Whether this process may change the tags of ``owner``'s runs: it is the owner, or root."""
     return os.getuid() == 0 or _username() == owner
+
+
+def _daemon_retag(flow: str, run_id: str, *, add: Sequence[str], remove: Sequence[str]) -> tuple[str, ...] | None:
+    """Change tags through the configured daemon when one answers: the run's user tags, or None.
+
+    On a shared host the daemon decides who may (the owner or an admin, by the
+    caller's uid) and is the one writer of the metadata store; without a daemon, or
+    with one that keeps another datastore or does not know the run, the change goes
+    straight to the store, for the owner or root.
+    """
+    from millstream.client.http import DaemonClient, api_path
+    from millstream.config.settings import load_settings
+    from millstream.datastore.backends import store_fingerprint
+
+    if _override is not None and _override_settings is None:
+        return None
+    settings = _override_settings or load_settings(os.environ)
+    client = DaemonClient(settings.daemon.socket)
+    health = client.health()
+    if health is None or health.get("store") != store_fingerprint(dataclasses.asdict(settings.datastore)):
+        return None
+    try:
+        _, answer = client.request("POST", api_path("runs", flow, run_id, "tags"),
+                                   json_body={"add": list(add), "remove": list(remove)})
+    except ApiError as exc:
+        if exc.status in (400, 403):
+            raise MetaflowTaggingError(exc.message) from exc
+        if exc.status == 404:
+            # That daemon keeps another metadata store than the one this run was read from.
+            return None
+        raise
+    return tuple(answer["tags"])
 
 
 def _namespace_for(check: bool, given: str | None) -> str | None:
@@ -571,12 +613,16 @@ class Run(MetaflowObject):
 
     def _retag(self, *, add: Sequence[str] = (), remove: Sequence[str] = ()) -> None:
         owner = self._record.owner
-        if not _may_retag(owner):
-            raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "
-                                       f"Run('{self.pathspec}'); you are {_username()}")
         system = sorted(set(remove) & self.system_tags)
         if system:
             raise MetaflowTaggingError(f"cannot remove system tags of Run('{self.pathspec}'): {', '.join(system)}")
+        tags = _daemon_retag(self._record.flow, self.id, add=add, remove=remove)
+        if tags is not None:
+            self._record = dataclasses.replace(self._record, tags=tags)
+            return
+        if not _may_retag(owner):
+            raise MetaflowTaggingError(f"only {owner or 'its owner'} (or root) may change the tags of "
+                                       f"Run('{self.pathspec}'); you are {_username()}")
         record = self._record
         try:
             if remove:

@@ -29,6 +29,7 @@ from millstream.client.flowcli import (
     print_status,
     settings_overrides,
     show_flow,
+    step_functions_group,
 )
 from millstream.client.graphview import SHOW_FORMATS
 from millstream.client.loader import load_flow
@@ -37,6 +38,7 @@ from millstream.client.schedulecmd import schedule_group
 
 RUN_STATUSES = ("running", "ok", "failed", "cancelled")
 MAX_PAGE = 50
+STEP_FUNCTIONS_ACTIONS = ("create", "trigger", "list-runs", "delete")
 
 
 @click.group()
@@ -93,6 +95,22 @@ def run(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: str |
 def resume(ctx: click.Context, flow_name: str | None, quiet: bool, flow_path: str | None) -> None:
     """Resume a run of FLOW.py: millstream resume FLOW.py [STEP] [--origin-run-id ID] ..."""
     _flow_subcommand(ctx, "resume", flow_name, quiet, flow_path, make_resume_command)
+
+
+@cli.command("step-functions", context_settings=_PASS_THROUGH, add_help_option=False)
+@click.option("--flow", "flow_name", default=None, help="The flow class, when the file defines several.")
+@click.argument("action", required=False)
+@click.argument("flow_path", required=False)
+@click.pass_context
+def step_functions(ctx: click.Context, flow_name: str | None, action: str | None, flow_path: str | None) -> None:
+    """Deploy FLOW.py to AWS Step Functions: millstream step-functions create|trigger|list-runs|delete FLOW.py ..."""
+    if action in (None, "--help", "-h"):
+        click.echo(ctx.get_help())
+        ctx.exit(0)
+    if action not in STEP_FUNCTIONS_ACTIONS:
+        raise click.UsageError(f"unknown action {action!r}; use one of {', '.join(STEP_FUNCTIONS_ACTIONS)}")
+    _flow_subcommand(ctx, f"step-functions {action}", flow_name, False, flow_path,
+                     lambda flow_cls: step_functions_group(flow_cls).commands[action])
 
 
 @cli.command()

@@ -7,10 +7,11 @@ command line, Metaflow's ``python flow.py dump RUN[/STEP[/TASK]]`` and
 ``--run-id``: your latest run of the flow).
 
 ``dump`` looks past namespaces, as Metaflow's does: a pathspec names one run. Changing
-tags is for the run's owner (or root) only, and never touches system tags; the Client
-API enforces both (:meth:`millstream.client.api.Run.add_tags`), so the notebook and the
-command line agree. Nothing here is imported until a command runs it, so ``python
-flow.py run`` stays fast.
+tags is for the run's owner (or root, or on a shared host a member of its admin group)
+only, and never touches system tags; the Client API enforces both
+(:meth:`millstream.client.api.Run.add_tags`), through the daemon when one answers (it
+knows the caller's uid from the kernel), so the notebook and the command line agree.
+Nothing here is imported until a command runs it, so ``python flow.py run`` stays fast.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _with_reader(state: CliState, work: Callable[[], Any]) -> Any:
     from millstream.client import api
     from millstream.client.datastore_view import reader_for
 
-    api.use_reader(reader_for(state.settings()))
+    settings = state.settings()
+    api.use_reader(reader_for(settings), settings=settings)
     try:
         return work()
     finally:

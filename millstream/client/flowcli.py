@@ -125,7 +125,8 @@ def logs_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --------------------------------------------------------------------- run
-def _parameter_option(param: Parameter, dest: str) -> click.Option:
+def parameter_option(param: Parameter, dest: str) -> click.Option:
+    """The ``--<name>`` option of a flow Parameter; its value stays a string."""
     info = param.describe()
     help_text = info["help"] or ""
     if info["required"]:
@@ -171,7 +172,7 @@ def make_run_command(flow_cls: type) -> click.Command:
                      help="Write the run id to this file once the run has started."),
         click.Option(["--with", "with_specs"], multiple=True, metavar="SPEC",
                      help="Add a decorator to every step, e.g. retry:times=2 (repeatable)."),
-        *(_parameter_option(p, dest) for dest, p in zip(dests, params, strict=True)),
+        *(parameter_option(p, dest) for dest, p in zip(dests, params, strict=True)),
     ]
     return click.Command("run", callback=run, params=options,
                          help=f"Run {flow_cls.__name__} through the millstream daemon.")
@@ -264,10 +265,18 @@ def make_flow_cli(flow_cls: type) -> click.Group:
             print_status(state, spec)
 
     cli.add_command(make_run_command(flow_cls))
+    cli.add_command(step_functions_group(flow_cls))
     cli.add_command(make_resume_command(flow_cls))
     cli.add_command(dump_command(flow_cls.__name__))
     cli.add_command(tag_group(flow_cls.__name__))
     return cli
+
+
+def step_functions_group(flow_cls: type) -> click.Group:
+    """The ``step-functions`` commands of one flow (defined in :mod:`millstream.client.sfncmd`)."""
+    from millstream.client.sfncmd import make_step_functions_group
+
+    return make_step_functions_group(flow_cls)
 
 
 def main(flow_cls: type, argv: Sequence[str]) -> None:

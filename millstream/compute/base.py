@@ -26,6 +26,7 @@ class LaunchRequest:
     cpu: float = 0.5
     memory_mb: int = 0
     timeout_s: float | None = None
+    owner_uid: int | None = None  # the submitting user's uid, whom a local task runs as where it can
     gpu: int = 0
     package: str = ""  # the code package's sha (a Batch container fetches it)
     # Set for a step that runs on AWS Batch: its @batch attributes (see compute/batch.py).

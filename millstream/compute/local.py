@@ -8,6 +8,10 @@ reports that forking is unsafe, or ``fork`` is off, each attempt is a fresh
 Handles are ``{"pid", "proc_start", "pgid", "via"}``. ``proc_start`` (the process
 start time in clock ticks from ``/proc/PID/stat``) guards against a recycled pid when
 a restarted daemon re-attaches through a pidfd.
+
+With ``run_as_owner`` (a daemon that may switch uids, see :mod:`millstream.compute.runas`)
+zygotes and fresh task processes start as the run's owner, so a zygote is per owner
+too: user code is imported as its user, never as the daemon's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import structlog
 
 from millstream.compute.base import ExitReason, LaunchRequest
+from millstream.compute.runas import TaskUser
 from millstream.errors import ComputeError
 
 log = structlog.get_logger(__name__)
@@ -64,8 +69,11 @@ class _Zygote:
 class LocalBackend:
     """Runs attempts as local processes; see the module docstring."""
 
-    def __init__(self, *, fork: bool = True, spool_dir: Path, zygote_idle_s: float = 300.0) -> None:
+    def __init__(
+        self, *, fork: bool = True, spool_dir: Path, zygote_idle_s: float = 300.0, run_as_owner: bool = False
+    ) -> None:
         self.fork = fork
+        self.run_as_owner = run_as_owner
         self.spool_dir = spool_dir
         self.zygote_idle_s = zygote_idle_s
         self._zygotes: dict[str, _Zygote] = {}
@@ -89,10 +97,31 @@ class LocalBackend:
                     request.python,
                     sorted(request.env.items()),
                     request.cwd,
+                    request.owner_uid,
                 ]
             ).encode()
         ).hexdigest()
         return digest[:16]
+
+    def _user(self, request: LaunchRequest) -> TaskUser | None:
+        """The account to switch to, or None to run as the daemon's own."""
+        uid = request.owner_uid
+        if not self.run_as_owner or uid is None or uid < 0 or uid == os.geteuid():
+            return None
+        try:
+            return TaskUser.of(uid)
+        except KeyError:
+            raise ComputeError(f"the run's owner, uid {uid}, has no account on this host", retryable=False) from None
+
+    def _command(self, request: LaunchRequest, argv: list[str]) -> tuple[list[str], dict[str, str] | None, str]:
+        """The argv, environment and working directory that start ``argv`` for ``request``."""
+        user = self._user(request)
+        if user is None:
+            return argv, request.env or None, _cwd(request)
+        # The switch enters the working directory itself, as the user: the daemon may
+        # not be able to see into it (a home directory of mode 0700).
+        wrapped = user.command(argv, cwd=request.cwd or "", fallback_cwd=request.spec.package_dir)
+        return wrapped, user.environment(request.env), "/"
 
     async def _zygote(self, request: LaunchRequest) -> _Zygote:
         key = self._zygote_key(request)
@@ -119,19 +148,19 @@ class LocalBackend:
         spec = request.spec
         err = self.spool_dir / f"zygote-{key}.stderr"
         err.parent.mkdir(parents=True, exist_ok=True)
+        argv, env, cwd = self._command(
+            request,
+            [request.python, "-m", "millstream.task.zygote", spec.package_dir, spec.module_file, spec.class_name],
+        )
         with open(err, "ab") as err_file:
-            proc = await asyncio.create_subprocess_exec(
-                request.python,
-                "-m",
-                "millstream.task.zygote",
-                spec.package_dir,
-                spec.module_file,
-                spec.class_name,
+            proc = await _exec(
+                request,
+                argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err_file,
-                env=request.env or None,
-                cwd=_cwd(request),
+                env=env,
+                cwd=cwd,
                 limit=1 << 20,
             )
         assert proc.stdout is not None
@@ -229,18 +258,16 @@ class LocalBackend:
         )
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(json.dumps(request.spec.to_dict()))
+        argv, env, cwd = self._command(request, [request.python, "-u", "-m", "millstream.task", str(spec_path)])
         with open(request.stdout_path, "ab") as out, open(request.stderr_path, "ab") as err:
-            proc = await asyncio.create_subprocess_exec(
-                request.python,
-                "-u",
-                "-m",
-                "millstream.task",
-                str(spec_path),
+            proc = await _exec(
+                request,
+                argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
-                env=request.env or None,
-                cwd=_cwd(request),
+                env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
         self._procs[proc.pid] = proc
@@ -356,6 +383,18 @@ class LocalBackend:
         for zyg in list(self._zygotes.values()):
             await self._stop_zygote(zyg)
         self._zygotes.clear()
+
+
+async def _exec(request: LaunchRequest, argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """Start ``argv`` (``request.python`` and its arguments, or the uid switch that runs them).
+
+    An interpreter that cannot start is the submission's fault.
+    """
+    try:
+        return await asyncio.create_subprocess_exec(*argv, **kwargs)
+    except OSError as exc:
+        raise ComputeError(f"cannot start the interpreter {request.python}: {exc.strerror or exc}",
+                           retryable=False) from exc
 
 
 def _cwd(request: LaunchRequest) -> str:

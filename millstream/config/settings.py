@@ -52,6 +52,13 @@ class DaemonSettings:
     max_body_mb: int = 64
     checkpoint_interval_s: float = 0.05
     shutdown_timeout_s: float = 5.0
+    # The shared host (docs/shared-host.md):
+    socket_group: str = ""  # "": the socket is 0600, for the daemon's user alone; else 0660 and this group
+    admin_group: str = ""  # members may cancel, resume and tag anyone's runs (root always may)
+    run_tasks_as: str = "owner"  # "owner" (when the daemon may switch uids) or "daemon"
+    tcp_listen: str = ""  # "127.0.0.1:8465": also serve HTTP on TCP, with bearer tokens
+    tokens_file: str = ""  # lines "TOKEN = USER"; must be mode 0600 (or stricter)
+    log_format: str = "auto"  # "json", "console", or "auto": JSON under systemd or when not a TTY
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,24 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class StepFunctionsSettings:
+    """Exporting flows to AWS Step Functions and EventBridge (``step-functions create``)."""
+
+    role_arn: str = ""  # the state machine's execution role (Batch, S3 reads, child executions)
+    events_role_arn: str = ""  # the role EventBridge assumes to start executions; "": role_arn
+    job_queue: str = ""  # the Batch job queue of every step without @batch(queue=...)
+    image: str = ""  # the container image of every step without @batch(image=...)
+    job_role_arn: str = ""  # the tasks' IAM role (reads and writes the datastore)
+    batch_execution_role_arn: str = ""  # for Fargate queues
+    python: str = "python3"  # the interpreter in the image that has millstream installed
+    foreach_mode: str = "distributed"  # or "inline" (see millstream.deploy.stepfunctions)
+    max_concurrency: int = 0  # Map iterations at once; 0: no limit of ours
+    name_prefix: str = ""  # state machine and rule names are <prefix><flow>
+    region: str = ""  # "": the AWS chain's region
+    endpoint_url: str = ""  # "": AWS; set for moto or VPC endpoints
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, and where each value came from."""
 
@@ -116,6 +141,7 @@ class Settings:
     metadata: MetadataSettings = field(default_factory=MetadataSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    stepfunctions: StepFunctionsSettings = field(default_factory=StepFunctionsSettings)
     batch: BatchSettings = field(default_factory=BatchSettings)
     sources: Mapping[str, str] = field(default_factory=dict)
 
@@ -125,7 +151,8 @@ _SECTIONS = {f.name: f.type for f in fields(Settings) if f.name != "sources"}
 
 def _section_class(name: str) -> type:
     return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "metadata": MetadataSettings,
-            "local": LocalSettings, "run": RunSettings, "batch": BatchSettings}[name]
+            "local": LocalSettings, "run": RunSettings, "stepfunctions": StepFunctionsSettings,
+            "batch": BatchSettings}[name]
 
 
 def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
@@ -178,6 +205,7 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, A
                 raise ConfigError(f"{path}: {exc}") from None
             _apply(layers, sources, data, str(path))
     from_env: dict[str, dict[str, Any]] = {}
+    variables: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith("MILLSTREAM_") or name == "MILLSTREAM_CONFIG":
             continue
@@ -185,8 +213,11 @@ def load_settings(env: Mapping[str, str], overrides: Mapping[str, Mapping[str, A
         section, _, key = rest.partition("_")
         if section in _SECTIONS and key:
             from_env.setdefault(section, {})[key] = value
+            variables[f"{section}.{key}"] = name
     for section, values in from_env.items():
         _apply(layers, sources, {section: values}, "environment")
+    # config show names the variable, so an operator knows what to unset.
+    sources.update({key: f"environment ${name}" for key, name in variables.items()})
     if overrides:
         _apply(layers, sources, {k: dict(v) for k, v in overrides.items() if v}, "command line")
     settings = Settings(**{s: _section_class(s)(**layers[s]) for s in _SECTIONS}, sources=sources)
@@ -204,6 +235,16 @@ def _with_local_defaults(settings: Settings, env: Mapping[str, str]) -> Settings
         raise ConfigError(f"metadata.type must be sqlite or service, got {meta.type!r}")
     if meta.type == "service" and not meta.url:
         raise ConfigError("metadata.type = service needs metadata.url")
+    for key, value, allowed in (
+        ("daemon.run_tasks_as", daemon.run_tasks_as, ("owner", "daemon")),
+        ("daemon.log_format", daemon.log_format, ("auto", "json", "console")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"{settings.sources.get(key, 'default')}: {key} must be one of "
+                              f"{', '.join(allowed)}, got {value!r}")
+    if daemon.tcp_listen and not daemon.tokens_file:
+        raise ConfigError(f"{settings.sources.get('daemon.tcp_listen')}: daemon.tcp_listen needs "
+                          "daemon.tokens_file: the TCP listener only serves callers with a bearer token")
     if not ds.root:
         ds = replace(ds, root=str(data_home / "datastore"))
     if not meta.path:

@@ -2,7 +2,10 @@
 
 Every request is validated before it reaches the engine; a bad one gets a 4xx with
 ``{"error": code, "message": ...}``, never a 500. The caller's identity is the uid
-the kernel reports for the socket peer (SO_PEERCRED), never a field of the request.
+the kernel reports for the socket peer (SO_PEERCRED), or on the optional TCP listener
+the user its bearer token maps to, never a field of the request. Anyone who reaches
+the daemon may read every run; changing one is for its owner and the admins
+(:mod:`millstream.daemon.identity`), and a refusal is a 403 naming the owner.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import os
-import pwd
 import socket
 import struct
 import time
@@ -27,9 +29,11 @@ import millstream
 from millstream.daemon import cron, metrics
 from millstream.daemon import scheduler as sch
 from millstream.daemon.engine import Engine, Run
+from millstream.daemon.identity import Authority, Caller, token_caller, user_name, user_uid
 from millstream.daemon.openapi import OPENAPI
 from millstream.daemon.schedules import Schedule
 from millstream.datastore import layout
+from millstream.datastore.backends import store_fingerprint
 from millstream.datastore.package import MAX_UNPACKED_PACKAGE_BYTES, gunzipped_size_within, store_package
 from millstream.datastore.records import AttemptKey
 from millstream.errors import (
@@ -44,6 +48,11 @@ from millstream.metadata.model import RunRecord
 
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+AUTHORITY = web.AppKey("authority", Authority)
+TOKENS = web.AppKey("tokens", dict[str, str])
+CALLER = web.RequestKey("caller", Caller)
+# Paths a TCP caller may use without a token: a load balancer's or probe's health check.
+OPEN_PATHS = frozenset({"/v1/health"})
 MAX_PAGE = 500
 # Set on a request once its streamed response has started (see errors_middleware).
 STREAMING = web.RequestKey("streaming", bool)
@@ -96,8 +105,30 @@ async def errors_middleware(
         return _error(500, "internal", f"{type(exc).__name__}: {exc}")
 
 
-def peer_identity(request: web.Request) -> tuple[int, str]:
-    """The uid and user name of the process on the other end of the socket."""
+def _is_unix(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Callers on TCP must show a bearer token (see ``daemon.tokens_file``); the socket needs none."""
+    if not _is_unix(request) and request.path not in OPEN_PATHS:
+        caller = token_caller(request.app.get(TOKENS) or {}, request.headers.get("Authorization"))
+        if caller is None:
+            given = "Authorization" in request.headers
+            raise ApiFailure(401, "unauthenticated",
+                             "the bearer token is not valid" if given else "send Authorization: Bearer TOKEN")
+        request[CALLER] = caller
+    return await handler(request)
+
+
+def caller_of(request: web.Request) -> Caller:
+    """Who sent the request: the socket peer's uid (SO_PEERCRED), or the TCP token's user."""
+    if CALLER in request:
+        return request[CALLER]
     sock = request.transport.get_extra_info("socket") if request.transport else None
     uid = -1
     if sock is not None and sock.family == socket.AF_UNIX:
@@ -105,11 +136,27 @@ def peer_identity(request: web.Request) -> tuple[int, str]:
         _, uid, _ = struct.unpack("3i", creds)
     if uid < 0:
         raise ApiFailure(401, "unauthenticated", "the caller's identity is unknown")
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    return uid, name
+    caller = Caller(uid=uid, name=user_name(uid), via="socket")
+    request[CALLER] = caller
+    return caller
+
+
+def require_submitter(request: web.Request) -> Caller:
+    """The caller, if this daemon may run its tasks; else a 403 saying why not."""
+    caller = caller_of(request)
+    reason = request.app[AUTHORITY].submit_refusal(caller)
+    if reason is not None:
+        raise ApiFailure(403, "forbidden", reason)
+    return caller
+
+
+def require_owner(request: web.Request, action: str, what: str, owner: str, owner_uid: int | None) -> Caller:
+    """The caller, if it may ``action`` ``what``; else a 403 naming the owner."""
+    caller = caller_of(request)
+    reason = request.app[AUTHORITY].refusal(caller, action, what, owner, owner_uid)
+    if reason is not None:
+        raise ApiFailure(403, "forbidden", reason)
+    return caller
 
 
 async def _json(request: web.Request) -> dict[str, Any]:
@@ -222,6 +269,7 @@ async def health(request: web.Request) -> web.Response:
             "version": millstream.__version__,
             "pid": os.getpid(),
             "active_runs": active,
+            "store": store_fingerprint(engine.datastore_config),
         }
     )
 
@@ -266,7 +314,8 @@ async def submit_run(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if not engine.accepting:
         raise ApiFailure(503, "stopping", "the daemon is shutting down; submit again in a moment")
-    uid, user = peer_identity(request)
+    caller = require_submitter(request)
+    uid, user = caller.uid, caller.name
     body = await _json(request)
     flow = _check_name("flow", _field(body, "flow", str), layout.check_flow)
     graph = validate_graph(body.get("graph"))
@@ -307,6 +356,13 @@ async def submit_run(request: web.Request) -> web.Response:
             _check_name("origin run id", _field(resume, "origin_run_id", str), layout.check_run_id)
         if resume.get("step") is not None:
             _check_name("resume step", _field(resume, "step", str), layout.check_step)
+        if resume.get("origin_run_id") is not None:
+            try:
+                origin = await engine.metadata.get_run(flow, resume["origin_run_id"])
+            except MetadataNotFound:
+                pass  # the engine says which run is missing, and where it looked
+            else:
+                require_owner(request, "resume", f"run {origin.pathspec}", origin.user, user_uid(origin.user))
     tags = options.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= 256 for t in tags):
         raise ApiFailure(400, "bad_option", "options.tags must be a list of non-empty strings")
@@ -515,20 +571,52 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_run(request: web.Request) -> web.Response:
-    """Cancel a run: its owner (or root) only."""
+    """Cancel a run: its owner or an admin only."""
     run = _run_or_404(request)
-    uid, _ = peer_identity(request)
-    if uid not in (run.owner_uid, 0, os.getuid()):
-        raise ApiFailure(403, "forbidden", f"only {run.owner} can cancel run {run.key}")
+    require_owner(request, "cancel", f"run {run.key}", run.owner, run.owner_uid)
     if not request.app[ENGINE].cancel(run):
         raise ApiFailure(409, "finished", f"run {run.key} has already ended ({run.state.status})")
     return web.json_response({"status": "cancelling"}, status=202)
 
 
+def _tag_list(body: dict[str, Any], name: str) -> list[str]:
+    tags = _field(body, name, list, required=False) or []
+    if not all(isinstance(t, str) and 0 < len(t) <= 512 for t in tags):
+        raise ApiFailure(400, "bad_tags", f"{name} must be a list of non-empty strings of at most 512 characters")
+    return list(tags)
+
+
+async def change_tags(request: web.Request) -> web.Response:
+    """Remove, then add, user tags of a run: its owner or an admin only; system tags never change."""
+    engine = request.app[ENGINE]
+    flow = _check_name("flow", request.match_info["flow"], layout.check_flow)
+    run_id = _check_name("run id", request.match_info["run_id"], layout.check_run_id)
+    body = await _json(request)
+    add, remove = _tag_list(body, "add"), _tag_list(body, "remove")
+    record = await engine.metadata.get_run(flow, run_id)
+    live = engine.runs.get(record.pathspec)
+    owner_uid = live.owner_uid if live is not None else user_uid(record.user)
+    require_owner(request, "change the tags of", f"run {record.pathspec}", record.user, owner_uid)
+    system = sorted(set(remove) & set(record.system_tags))
+    if system:
+        raise ApiFailure(400, "system_tag", f"system tags of run {record.pathspec} cannot be removed: "
+                                            f"{', '.join(system)}")
+    if remove:
+        record = await engine.metadata.remove_tags(flow, run_id, remove)
+    if add:
+        record = await engine.metadata.add_tags(flow, run_id, add)
+    if live is not None:
+        # A live run's summary shows its tags from here on (tasks launched later see them too).
+        live.options["tags"] = list(record.tags)
+        engine.checkpoints.mark(live.key)
+    return web.json_response(_summary(record))
+
+
 async def create_schedule(request: web.Request) -> web.Response:
     """Save a schedule: a run submission plus cron and/or trigger flows."""
     engine = request.app[ENGINE]
-    uid, user = peer_identity(request)
+    caller = require_submitter(request)
+    uid, user = caller.uid, caller.name
     body = await _json(request)
     submission = _field(body, "submission", dict)
     flow = _check_name("flow", _field(submission, "flow", str), layout.check_flow)
@@ -541,8 +629,8 @@ async def create_schedule(request: web.Request) -> web.Response:
         raise ApiFailure(400, "wrong_type", "triggers must be a list of flow names")
     name = _field(body, "name", str, required=False) or flow
     existing = engine.schedules.schedules.get(name)
-    if existing is not None and uid not in (existing.owner_uid, 0, os.getuid()):
-        raise ApiFailure(403, "forbidden", f"schedule {name!r} belongs to {existing.owner}")
+    if existing is not None:
+        require_owner(request, "replace", f"schedule {name!r}", existing.owner, existing.owner_uid)
     schedule = Schedule(
         name=name,
         flow=flow,
@@ -580,9 +668,7 @@ def _schedule_for_owner(request: web.Request) -> Schedule:
     if name not in book.schedules:
         raise ApiFailure(404, "not_found", f"no schedule named {name!r}")
     schedule = book.schedules[name]
-    uid, _ = peer_identity(request)
-    if uid not in (schedule.owner_uid, 0, os.getuid()):
-        raise ApiFailure(403, "forbidden", f"only {schedule.owner} can change schedule {name!r}")
+    require_owner(request, "change", f"schedule {name!r}", schedule.owner, schedule.owner_uid)
     return schedule
 
 
@@ -601,10 +687,18 @@ async def delete_schedule(request: web.Request) -> web.Response:
     return web.json_response({"deleted": schedule.name})
 
 
-def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
-    """The aiohttp application serving the API."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body_bytes)
+def make_app(
+    engine: Engine,
+    *,
+    max_body_bytes: int,
+    authority: Authority | None = None,
+    tokens: dict[str, str] | None = None,
+) -> web.Application:
+    """The aiohttp application serving the API (on the socket, and on TCP with ``tokens``)."""
+    app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=max_body_bytes)
     app[ENGINE] = engine
+    app[AUTHORITY] = authority or Authority(daemon_uid=os.getuid())
+    app[TOKENS] = dict(tokens or {})
     app[METRICS] = metrics.engine_registry(engine)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
@@ -617,6 +711,7 @@ def make_app(engine: Engine, *, max_body_bytes: int) -> web.Application:
     app.router.add_get("/v1/runs/{flow}/{run_id}/events", run_events)
     app.router.add_get("/v1/runs/{flow}/{run_id}/logs/{step}/{task_id}", task_logs)
     app.router.add_post("/v1/runs/{flow}/{run_id}/cancel", cancel_run)
+    app.router.add_post("/v1/runs/{flow}/{run_id}/tags", change_tags)
     app.router.add_post("/v1/schedules", create_schedule)
     app.router.add_get("/v1/schedules", list_schedules)
     app.router.add_post("/v1/schedules/{name}/{action:pause|resume}", pause_schedule)

@@ -41,6 +41,12 @@ from millstream.metadata.store import MetadataStore
 from millstream.task.spec import EXIT_INFRA_FAILURE, EXIT_NO_RETRY, ParentRef, TaskSpec
 
 log = structlog.get_logger(__name__)
+# Log context: every event about a run carries ``run`` (its pathspec), and every event
+# about an attempt ``step`` and ``task`` too. They are bound through contextvars at the
+# top of the asyncio task that drives the run or the attempt (each task has its own
+# copy of the context), or around the call where one task touches several.
+bind_log = structlog.contextvars.bind_contextvars
+bound_log = structlog.contextvars.bound_contextvars
 
 # After a timeout the attempt's process group gets this long to die of SIGALRM
 # (which lets @catch and the done marker happen) before it is killed.
@@ -114,6 +120,7 @@ class Run:
             "finished_at": self.finished_at,
             "message": self.state.message,
             "tags": list(self.options.get("tags", [])),
+            "origin_run_id": self.options.get("origin_run_id"),
         }
 
 
@@ -277,7 +284,7 @@ class Engine:
         params = body.get("params", {})
         plan = None
         if options.get("resume") is not None:
-            plan, params = await self._plan_resume(flow, graph, options)
+            plan, params = await self._plan_resume(flow, graph, options, owner)
             options["origin_run_id"] = plan["run_id"]
         run_id = await self.allocate_run_id(
             flow,
@@ -312,21 +319,23 @@ class Engine:
         self.checkpoints.mark(run.key, index=True)
         run.events.emit("run_started", flow=flow, run_id=run_id)
         self._record_tasks(run, ["start/0"])
-        log.info("run_submitted", run=run.key, owner=owner, steps=len(graph["steps"]))
+        with bound_log(run=run.key):
+            log.info("run_submitted", owner=owner, steps=len(graph["steps"]))
         self._spawn(self._drive(run), f"drive-{run.key}")
         return run
 
     async def _plan_resume(
-        self, flow: str, graph: dict[str, Any], options: dict[str, Any]
+        self, flow: str, graph: dict[str, Any], options: dict[str, Any], owner: str
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         import json
 
         spec = options["resume"] if isinstance(options["resume"], dict) else {}
         origin_id = spec.get("origin_run_id")
         if origin_id is None:
-            latest = await self.metadata.list_runs(flow=flow, limit=1)
+            # As Metaflow: without an id, the latest run in the user's own namespace.
+            latest = await self.metadata.list_runs(flow=flow, user=owner, limit=1)
             if not latest.items:
-                raise SchedulerError(f"no run of {flow} to resume: run it first")
+                raise SchedulerError(f"{owner} has no run of {flow} to resume: run it first")
             origin_id = latest.items[0].run_id
         origin_id = layout.check_run_id(str(origin_id))
         live = self.runs.get(f"{flow}/{origin_id}")
@@ -414,6 +423,7 @@ class Engine:
         return str(target)
 
     async def _drive(self, run: Run) -> None:
+        bind_log(run=run.key)
         try:
             run.package_dir = await self._package_dir(run)
         except (DatastoreError, OSError) as exc:
@@ -512,6 +522,7 @@ class Engine:
 
     async def _attempt(self, run: Run, key: str) -> None:
         task = run.state.tasks[key]
+        bind_log(run=run.key, step=task.step, task=task.task_id)
         cpu, memory = self._demand(run.graph, task.step)
         batch = sch._decorator(run.graph, task.step, "batch")
         # A Batch attempt runs elsewhere: it takes no share of this host.
@@ -538,6 +549,7 @@ class Engine:
                     cpu=cpu,
                     memory_mb=memory,
                     timeout_s=self._timeout_s(run, task.step),
+                    owner_uid=run.owner_uid,
                     gpu=int((sch._decorator(run.graph, task.step, "resources") or {}).get("gpu") or 0),
                     package=run.package,
                     batch=batch,
@@ -546,10 +558,15 @@ class Engine:
                 )
                 try:
                     handle = await self.backend.launch(request)
-                except ComputeError as exc:
+                except Exception as exc:
+                    # A backend's own failure (ComputeError) says whether a retry can help;
+                    # anything else is a bug or an OS error: an infrastructure failure, retried.
+                    retryable = exc.retryable if isinstance(exc, ComputeError) else True
+                    if not isinstance(exc, ComputeError):
+                        log.exception("launch_failed", pathspec=f"{run.key}/{task.key}", attempt=number)
                     sch.attempt_started(run.state, key, None, time.time())
-                    code = EXIT_INFRA_FAILURE if exc.retryable else EXIT_NO_RETRY
-                    self._finished(run, task, number, code, None, str(exc))
+                    code = EXIT_INFRA_FAILURE if retryable else EXIT_NO_RETRY
+                    self._finished(run, task, number, code, None, f"cannot launch the attempt: {exc}")
                     return
                 attempt = sch.attempt_started(run.state, key, handle, time.time())
                 metrics.observe_launch(time.monotonic() - picked_at)
@@ -579,6 +596,7 @@ class Engine:
             pid=handle.get("pid"),
             job_id=handle.get("job_id"),
         )
+        log.info("attempt_started", attempt=attempt.number, pid=handle.get("pid"), via=handle.get("via"))
         out, err = self._log_paths(run, AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number))
         self.tailer.watch((run.key, task.key, attempt.number), run.events, pathspec, attempt.number, out, err)
         self._record_attempt(run, task, attempt)
@@ -678,6 +696,8 @@ class Engine:
             message=attempt.message if attempt.status != sch.OK else None,
             retrying=task.status == sch.PENDING,
         )
+        log.info("attempt_finished", attempt=number, status=attempt.status, exit_code=code,
+                 retrying=task.status == sch.PENDING)
         self._record_attempt(run, task, attempt, done)
         self._apply(run, decisions)
 
@@ -748,13 +768,15 @@ class Engine:
             run = Run(**record, state=state, recovered=True)
             self.runs[run.key] = run
             run.events.emit("run_started", flow=flow, run_id=run_id, recovered=True)
-            log.info("run_recovering", run=run.key, tasks=len(state.tasks))
+            with bound_log(run=run.key):
+                log.info("run_recovering", tasks=len(state.tasks))
             if state.finished:
                 self._finish(run)
                 continue
             self._spawn(self._resume(run), f"drive-{run.key}")
 
     async def _resume(self, run: Run) -> None:
+        bind_log(run=run.key)
         run.package_dir = await self._package_dir(run)
         for task in list(run.state.tasks.values()):
             for attempt in list(task.attempts):
@@ -764,6 +786,10 @@ class Engine:
         await self._drive(run)
 
     async def _reconcile(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
+        with bound_log(run=run.key, step=task.step, task=task.task_id):
+            await self._reconcile_bound(run, task, attempt)
+
+    async def _reconcile_bound(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
         akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number)
         done = await read_done(self.store, akey)
         if done is not None:
@@ -789,20 +815,14 @@ class Engine:
                 }
                 attempt.handle = handle
         if handle and await self.backend.reattach(handle):
-            log.info(
-                "attempt_reattached",
-                run=run.key,
-                task=task.key,
-                attempt=attempt.number,
-                pid=handle.get("pid"),
-                job_id=handle.get("job_id"),
-            )
+            log.info("attempt_reattached", attempt=attempt.number, pid=handle.get("pid"), job_id=handle.get("job_id"))
             self._started(run, task, attempt)
             run.inflight[task.key] = self._spawn(self._rewatch(run, task, attempt), f"attempt-{run.key}/{task.key}")
             return
         self._finished(run, task, attempt.number, -9, None, "the attempt was lost while the daemon was down")
 
     async def _rewatch(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
+        bind_log(run=run.key, step=task.step, task=task.task_id)
         try:
             await self._watch(run, task, attempt, self._timeout_s(run, task.step))
         finally:

@@ -7,7 +7,15 @@ the socket, exit 0. A daemon started later takes the runs back.
 
 Under systemd the socket comes from ``millstream.socket`` (socket activation) and
 readiness is reported with ``READY=1`` once the socket serves; see
-:mod:`millstream.daemon.systemd` and ``systemd/README.md``.
+:mod:`millstream.daemon.systemd` and ``systemd/README.md``. Serving several users
+(socket group, tasks as their owners, TCP with tokens) is
+:mod:`millstream.daemon.sharedhost` and ``docs/shared-host.md``.
+
+Logs are structlog events, one JSON object a line on stdout under systemd (where
+journald records stdout; ``JOURNAL_STREAM`` or ``INVOCATION_ID`` is set), with
+``daemon.log_format = "json"``, or whenever stdout is not a terminal; readable
+console lines on a terminal. Events about a run carry ``run_id``, and those about an
+attempt ``step`` and ``task`` too, bound through contextvars by the engine.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 import structlog
@@ -33,14 +41,27 @@ from millstream.config.settings import Settings
 from millstream.daemon import metrics, systemd
 from millstream.daemon.api import make_app
 from millstream.daemon.engine import Engine
+from millstream.daemon.identity import Authority, load_tokens
 from millstream.daemon.resources import ResourcePool, host_memory_mb
+from millstream.daemon.sharedhost import SharedHost
 from millstream.datastore.backends import open_store
+from millstream.errors import ConfigError
 from millstream.metadata.backends import metadata_store
 
 
-def configure_logging() -> None:
-    """structlog: JSON lines when not on a TTY (journald), readable on a terminal."""
-    renderer = structlog.dev.ConsoleRenderer() if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+def wants_json(log_format: str, env: Mapping[str, str], isatty: bool) -> bool:
+    """JSON when asked, under systemd (journald), or when nobody reads a terminal."""
+    if log_format != "auto":
+        return log_format == "json"
+    return bool(env.get("JOURNAL_STREAM") or env.get("INVOCATION_ID")) or not isatty
+
+
+def configure_logging(log_format: str = "auto", env: Mapping[str, str] | None = None) -> None:
+    """structlog to stdout: JSON lines (see :func:`wants_json`), else readable console lines."""
+    as_json = wants_json(log_format, os.environ if env is None else env, sys.stdout.isatty())
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -49,8 +70,9 @@ def configure_logging() -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=True,
     )
 
 
@@ -80,6 +102,8 @@ async def serve(
     # Read first, before anything can start a child process.
     notifier = systemd.Notifier(env)
     inherited = systemd.unix_listener(systemd.listen_fds(env))
+    shared = SharedHost.from_settings(settings)
+    tokens = load_tokens(settings.daemon.tokens_file) if settings.daemon.tcp_listen else {}
     sock_path = settings.daemon.socket
     if inherited is not None:
         name = inherited.getsockname()
@@ -93,6 +117,7 @@ async def serve(
             os.unlink(sock_path)
     state_dir = Path(settings.daemon.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
+    shared.prepare_dirs(settings)
     # Everything a task process needs to open the same store (JSON; no credentials).
     datastore_config = dataclasses.asdict(settings.datastore)
     store = open_store(datastore_config)
@@ -103,7 +128,12 @@ async def serve(
         cpus=local.max_cpus or float(cores),
         memory_mb=local.max_memory_mb or host_memory_mb(),
     )
-    backend = LocalBackend(fork=local.fork, spool_dir=state_dir / "spool", zygote_idle_s=local.zygote_idle_s)
+    backend = LocalBackend(
+        fork=local.fork,
+        spool_dir=state_dir / "spool",
+        zygote_idle_s=local.zygote_idle_s,
+        run_as_owner=shared.run_as_owner,
+    )
     batch: ComputeBackend | None = None
     if settings.datastore.type == "s3":
         # Imported here: aiobotocore is only needed where Batch can be used. Clients are
@@ -132,7 +162,16 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
-    app = make_app(engine, max_body_bytes=settings.daemon.max_body_mb << 20)
+    app = make_app(
+        engine,
+        max_body_bytes=settings.daemon.max_body_mb << 20,
+        authority=Authority(
+            admin_group=settings.daemon.admin_group,
+            daemon_uid=os.getuid(),
+            runs_others_tasks=shared.run_as_owner or settings.daemon.run_tasks_as == "daemon",
+        ),
+        tokens=tokens,
+    )
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=min(2.0, settings.daemon.shutdown_timeout_s)
     )
@@ -146,7 +185,13 @@ async def serve(
     else:
         site = web.UnixSite(runner, sock_path)
         await site.start()
-        os.chmod(sock_path, 0o600)
+        shared.secure_socket(sock_path)
+    tcp_address = ""
+    if settings.daemon.tcp_listen:
+        host, port = parse_listen(settings.daemon.tcp_listen)
+        tcp_site = web.TCPSite(runner, host, port)
+        await tcp_site.start()
+        tcp_address = tcp_site.name
     probe = metrics.LoopLagProbe()
     probe.start(loop)
     log.info(
@@ -157,6 +202,9 @@ async def serve(
         slots=pool.slots,
         cpus=pool.cpus,
         socket_activated=inherited is not None,
+        socket_group=settings.daemon.socket_group or None,
+        tasks_run_as="owner" if shared.run_as_owner else "daemon",
+        tcp=tcp_address or None,
     )
     active = sum(1 for r in engine.runs.values() if not r.state.finished)
     notifier.ready(f"serving on {sock_path}; {active} active runs")
@@ -185,7 +233,21 @@ async def serve(
     return 0
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) of ``daemon.tcp_listen``."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"daemon.tcp_listen must be HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
 def run_daemon(settings: Settings) -> int:
-    """Entry point of ``millstream daemon``."""
-    configure_logging()
-    return asyncio.run(serve(settings, environ=os.environ))
+    """Entry point of ``millstream daemon``; 2 for a configuration it cannot serve with."""
+    configure_logging(settings.daemon.log_format)
+    try:
+        return asyncio.run(serve(settings, environ=os.environ))
+    except ConfigError as exc:
+        structlog.get_logger("millstream.daemon").error("config_error", error=str(exc))
+        print(f"millstream daemon: {exc}", file=sys.stderr)
+        return 2

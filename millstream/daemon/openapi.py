@@ -139,8 +139,35 @@ OPENAPI: dict[str, Any] = {
         "/v1/runs/{flow}/{run_id}/cancel": {
             "parameters": _RUN_PATH,
             "post": {
-                "summary": "Cancel a run (its owner only)",
+                "summary": "Cancel a run (its owner or an admin only)",
                 "responses": {"202": {"description": "cancelling"}, "403": _ERROR, "404": _ERROR, "409": _ERROR},
+            },
+        },
+        "/v1/runs/{flow}/{run_id}/tags": {
+            "parameters": _RUN_PATH,
+            "post": {
+                "summary": "Remove, then add, user tags of a run (its owner or an admin only)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "add": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                                    "remove": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {"description": "the run with its tags", "content": _json("RunSummary")},
+                    "400": _ERROR,
+                    "403": _ERROR,
+                    "404": _ERROR,
+                    "415": _ERROR,
+                },
             },
         },
         "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},

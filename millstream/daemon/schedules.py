@@ -163,7 +163,12 @@ class ScheduleBook:
                 continue
             last = datetime.fromtimestamp(s.last_fired or s.created_at, UTC)
             handled_until = now  # everything up to now is fired or skipped by the catch-up policy
-            for instant in cron.due(s.cron, s.timezone, last, datetime.fromtimestamp(now, UTC), catchup=s.catchup):
+            try:
+                due = cron.due(s.cron, s.timezone, last, datetime.fromtimestamp(now, UTC), catchup=s.catchup)
+            except Exception:
+                log.exception("schedule_due_failed", schedule=s.name, cron=s.cron)
+                continue
+            for instant in due:
                 key = run_key(s, instant=instant)
                 try:
                     run_id = await self.submit(s, key, {"scheduled_at": instant.isoformat()})
@@ -195,6 +200,19 @@ class ScheduleBook:
                 await self.save(s)
         return started
 
+    def _upcoming(self, now: float) -> list[float]:
+        """Every schedule's next fire time; one whose cron cannot be computed is logged, not fatal."""
+        times = []
+        for schedule in list(self.schedules.values()):
+            try:
+                at = schedule.next_fire(now)
+            except Exception:
+                log.exception("schedule_next_fire_failed", schedule=schedule.name, cron=schedule.cron)
+                continue
+            if at is not None:
+                times.append(at)
+        return times
+
     async def run(self, stop: asyncio.Event) -> None:
         """Fire schedules on time until ``stop``."""
         while not stop.is_set():
@@ -203,7 +221,7 @@ class ScheduleBook:
             except Exception:
                 log.exception("schedule_tick_failed")
             now = self.clock()
-            upcoming = [t for s in self.schedules.values() if (t := s.next_fire(now)) is not None]
+            upcoming = self._upcoming(now)
             pause = min([MAX_SLEEP_S, *[max(0.05, t - now) for t in upcoming]])
             self._changed.clear()
             with contextlib.suppress(TimeoutError):

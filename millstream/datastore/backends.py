@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +29,18 @@ def open_store(config: dict[str, Any]) -> ObjectStore:
 
         return S3Store.from_config(config)
     raise DatastoreError(f"unknown datastore type {kind!r}; known: local, s3")
+
+
+def store_fingerprint(config: Mapping[str, Any]) -> str:
+    """A short digest of where a datastore configuration points, to tell two worlds apart.
+
+    A client compares it with a daemon's (``GET /v1/health``) before letting that daemon
+    change what the client read: a daemon on the default socket may keep another store.
+    The digest names no path or bucket, so the unauthenticated health probe leaks none.
+    """
+    kind = config.get("type", "local")
+    if kind == "local":
+        where: list[Any] = [kind, os.path.abspath(str(config.get("root", "")))]
+    else:
+        where = [kind, config.get("bucket", ""), config.get("prefix", ""), config.get("endpoint_url", "")]
+    return hashlib.sha256(json.dumps(where).encode()).hexdigest()[:16]

@@ -67,7 +67,7 @@ def test_config_show_has_values_and_sources(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
     assert result.output.splitlines()[0].split() == ["KEY", "VALUE", "SOURCE"]
-    assert rows["run.max_workers"][1:] == ["7", "environment"]
+    assert rows["run.max_workers"][1:] == ["7", "environment", "$MILLSTREAM_RUN_MAX_WORKERS"]
     assert rows["datastore.root"][1] == str(tmp_path / "ds")
     assert rows["datastore.root"][2:] == ["command", "line"]
     assert rows["daemon.socket"][1:] == [str(tmp_path / "run/millstream/daemon.sock"), "default"]

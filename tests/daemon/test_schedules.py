@@ -158,3 +158,16 @@ async def test_bad_schedules_are_refused(tmp_path: Path, kw: dict[str, Any], fra
     book = _book(tmp_path, FakeDaemon(), Clock(ts(2026, 5, 1)))
     with pytest.raises(SchedulerError, match=fragment):
         await book.put(_schedule(**kw))
+
+
+async def test_a_schedule_whose_cron_breaks_does_not_stop_the_others(tmp_path: Path) -> None:
+    daemon, clock = FakeDaemon(), Clock(ts(2026, 3, 1, 12))
+    book = _book(tmp_path, daemon, clock)
+    await book.put(_schedule(name="hourly", cron="0 * * * *", timezone="UTC"))
+    # Saved before validation refused it (February 31st never comes): loaded as it is.
+    book.schedules["never"] = _schedule(name="never", cron="0 0 31 2 *", timezone="UTC")
+    with pytest.raises(Exception):  # noqa: B017 - whatever croniter raises
+        book.schedules["never"].next_fire(clock.now)
+    assert book._upcoming(clock.now) == [ts(2026, 3, 1, 13)]
+    clock.now = ts(2026, 3, 1, 13, 0, 5)
+    assert [name for name, _ in await book.tick()] == ["hourly"]

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from tests.conftest import EXAMPLES, Daemon
+from millstream.datastore.package import build_package
+from tests.conftest import EXAMPLES, Daemon, wait_until
 from tests.e2e.helpers import run_flow
 
 GOOD_SHA = "0" * 64
@@ -220,3 +221,16 @@ def test_cancel_a_running_run(daemon: Daemon) -> None:
     assert proc.returncode == 1, out
     status, body = daemon.request("POST", f"/v1/runs/SlowForeachFlow/{run_id}/cancel")
     assert status == 409
+
+
+def test_a_missing_interpreter_fails_the_run_and_names_it(daemon: Daemon) -> None:
+    sha, data = build_package(EXAMPLES)
+    status, _ = daemon.request("PUT", f"/v1/packages/{sha}", raw=data, headers={"Content-Type": "application/gzip"})
+    assert status in (200, 201)
+    status, body = daemon.request("POST", "/v1/runs", _submission(package=sha, python="/nonexistent/bin/python3"))
+    assert status == 201, body
+    state = wait_until(lambda: (s := daemon.run_state("HelloFlow", body["run_id"]))["status"] != "running" and s, 30)
+    assert state["status"] == "failed"
+    (start,) = [t for t in state["tasks"] if t["step"] == "start"]
+    assert len(start["attempts"]) == 1, "not retried: a missing interpreter stays missing"
+    assert "cannot start the interpreter /nonexistent/bin/python3" in start["attempts"][0]["message"]

@@ -61,7 +61,7 @@ def test_describe_says_where_each_value_came_from(tmp_path: Path) -> None:
     rows = {key: (value, source) for key, value, source in describe(settings)}
     config = str(tmp_path / "config.toml")
     assert rows["daemon.max_body_mb"] == (8, config)
-    assert rows["local.max_slots"] == (3, "environment")
+    assert rows["local.max_slots"] == (3, "environment $MILLSTREAM_LOCAL_MAX_SLOTS")
     assert rows["daemon.socket"] == ("/run/x.sock", "command line")
     assert rows["metadata.api_key"] == ("********", config), "the key is never printed"
     assert rows["run.max_workers"] == (16, "default")
@@ -87,7 +87,7 @@ def test_config_show_prints_key_value_and_source(tmp_path: Path) -> None:
     table = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     config = str(tmp_path / "config.toml")
     assert table["daemon.max_body_mb"] == ["8", config]
-    assert table["local.max_slots"] == ["3", "environment"]
+    assert table["local.max_slots"] == ["3", "environment", "$MILLSTREAM_LOCAL_MAX_SLOTS"]
     assert table["daemon.socket"] == ["/run/x.sock", "command", "line"]
     assert table["metadata.api_key"] == ["********", config]
     assert table["run.max_workers"] == ["16", "default"]
@@ -107,3 +107,36 @@ def test_config_show_reports_a_bad_file_and_fails(tmp_path: Path) -> None:
 def test_a_fractional_value_for_an_integer_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"daemon\.max_body_mb must be int, got 1\.5"):
         load_settings(_env(tmp_path, "[daemon]\nmax_body_mb = 1.5\n"))
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("[daemon]\nlog_format = 'xml'\n", "daemon.log_format must be one of auto, json, console, got 'xml'"),
+        ("[daemon]\nrun_tasks_as = 'root'\n", "daemon.run_tasks_as must be one of owner, daemon, got 'root'"),
+        ("[daemon]\ntcp_listen = '127.0.0.1:8465'\n", "daemon.tcp_listen needs daemon.tokens_file"),
+        ("[daemon]\nsocket_group = 7\n", None),
+    ],
+)
+def test_shared_host_settings_are_checked_where_they_are_set(tmp_path: Path, config: str, expected: str | None) -> None:
+    env = _env(tmp_path, config)
+    if expected is None:
+        # TOML integers are accepted for strings (a numeric group name is a name).
+        assert load_settings(env).daemon.socket_group == "7"
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'config.toml'}: "), message
+    assert expected in message
+
+
+def test_config_show_lists_the_shared_host_settings_and_their_sources(tmp_path: Path) -> None:
+    env = _env(tmp_path, "[daemon]\nsocket_group = 'team'\n", MILLSTREAM_DAEMON_ADMIN_GROUP="admins")
+    proc = _config_show(env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    assert "team" in lines["daemon.socket_group"] and str(tmp_path / "config.toml") in lines["daemon.socket_group"]
+    assert "admins" in lines["daemon.admin_group"]
+    assert "environment $MILLSTREAM_DAEMON_ADMIN_GROUP" in lines["daemon.admin_group"]
+    assert "owner" in lines["daemon.run_tasks_as"] and "default" in lines["daemon.run_tasks_as"]

@@ -79,6 +79,11 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
     state_dir = (root / "var/lib/millstream").stat()
     assert (run_dir.st_uid, run_dir.st_mode & 0o777) == (uid, 0o755)
     assert (state_dir.st_uid, state_dir.st_mode & 0o777) == (uid, 0o750)
+    # Tasks of every member write these: set-group-id, group-writable, made before the
+    # unit starts (its RestrictSUIDSGID=yes forbids the daemon to set the bit).
+    for shared in ("datastore", "daemon/logs", "daemon/spool", "daemon/packages"):
+        st = (root / "var/lib/millstream" / shared).stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (uid, 0o2770), shared
 
 
 def test_the_service_keeps_tasks_alive_and_waits_for_readiness() -> None:
@@ -92,6 +97,14 @@ def test_the_service_keeps_tasks_alive_and_waits_for_readiness() -> None:
     assert "/var/lib/millstream" in service["ReadWritePaths"].split()
     assert set(service["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert service["RuntimeDirectoryPreserve"] == "yes"  # else a stop deletes the socket
+    # Tasks run as their owners: the daemon keeps the switch and the kill, nothing else.
+    caps = {"CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+    assert set(service["AmbientCapabilities"].split()) == caps
+    assert set(service["CapabilityBoundingSet"].split()) == caps
+    assert service["NoNewPrivileges"] == "yes"  # sudo-style switching stays impossible
+    assert service["ProtectProc"] == "default"  # the daemon must see its tasks of other uids
+    assert service["UMask"] == "0007"
+    assert service["RestrictSUIDSGID"] == "yes"
 
 
 def test_the_socket_is_the_one_the_shared_config_names() -> None:
@@ -110,6 +123,7 @@ def test_the_shipped_config_loads(tmp_path: Path) -> None:
     settings = load_settings({"HOME": str(tmp_path), "MILLSTREAM_CONFIG": str(UNITS / "config.toml")})
     assert settings.daemon.socket == "/run/millstream/daemon.sock"
     assert settings.datastore.root.startswith("/var/lib/millstream/")
+    assert (settings.daemon.socket_group, settings.daemon.run_tasks_as) == ("millstream", "owner")
 
 
 def test_the_unit_environment_puts_defaults_in_the_unit_directories(tmp_path: Path) -> None:
