@@ -292,6 +292,24 @@ def metadata_service(ctx: click.Context) -> None:
     sys.exit(service_main(list(ctx.args)))
 
 
+@cli.command("sandbox")
+@click.option("--port", type=int, default=5000, show_default=True, help="Port on 127.0.0.1 (0: any free one).")
+@click.option("--slots", type=int, default=4, show_default=True, help="Batch jobs run at once.")
+def sandbox_command(port: int, slots: int) -> None:
+    """S3, AWS Batch and CloudWatch Logs on this machine; prints the configuration to use."""
+    import importlib.util
+
+    missing = [m for m in ("moto", "boto3") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"the sandbox needs {', '.join(missing)}: pip install 'millstream[sandbox]'")
+    from millstream.sandbox import serve
+
+    if slots < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--slots")
+    sys.exit(serve(port, slots))
+
+
 def main() -> None:
     """The ``millstream`` console script."""
     cli(prog_name="millstream")

@@ -1,4 +1,9 @@
-"""The compute backend protocol: launch, wait for, cancel and re-attach attempts."""
+"""The compute backend protocol: launch, wait for, cancel and re-attach attempts.
+
+A handle is the JSON a backend returns from :meth:`ComputeBackend.launch`; it is
+checkpointed, and its ``"backend"`` key (absent for local processes) names the backend
+that owns it, so a restarted daemon routes it back (:mod:`millstream.compute.router`).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,22 @@ class LaunchRequest:
     memory_mb: int = 0
     timeout_s: float | None = None
     owner_uid: int | None = None  # the submitting user's uid, whom a local task runs as where it can
+    gpu: int = 0
+    package: str = ""  # the code package's sha (a Batch container fetches it)
+    # Set for a step that runs on AWS Batch: its @batch attributes (see compute/batch.py).
+    batch: dict[str, Any] | None = None
+    # The splits of one foreach that may share one Batch array job: the group's key and
+    # how many members it has.
+    array_key: str | None = None
+    array_size: int = 0
+
+
+@dataclass(frozen=True)
+class ExitReason:
+    """Why an attempt ended, as its backend saw it (beyond the exit code)."""
+
+    message: str
+    kind: str | None = None  # "user" or "infra": what the scheduler should take it for
 
 
 class ComputeBackend(Protocol):
@@ -32,6 +53,9 @@ class ComputeBackend(Protocol):
 
     async def wait(self, handle: dict[str, Any]) -> int | None:
         """Wait for the attempt to end; its exit code, or None where it is unknown."""
+
+    def exit_reason(self, handle: dict[str, Any]) -> ExitReason | None:
+        """After :meth:`wait` returned: the backend's account of the end, if it has one."""
 
     async def cancel(self, handle: dict[str, Any], *, grace_s: float) -> None:
         """Stop the attempt: politely, then for good after ``grace_s``."""

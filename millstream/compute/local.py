@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from millstream.compute.base import LaunchRequest
+from millstream.compute.base import ExitReason, LaunchRequest
 from millstream.compute.runas import TaskUser
 from millstream.errors import ComputeError
 
@@ -331,6 +331,10 @@ class LocalBackend:
     async def reattach(self, handle: dict[str, Any]) -> bool:
         """True when the process behind the handle is still the attempt and alive."""
         return self._same_process(handle) and not _is_zombie(int(handle["pid"]))
+
+    def exit_reason(self, handle: dict[str, Any]) -> ExitReason | None:
+        """Local processes tell all through their exit code and done marker."""
+        return None
 
     async def cancel(self, handle: dict[str, Any], *, grace_s: float) -> None:
         """SIGTERM the attempt's process group, SIGKILL it after ``grace_s``."""

@@ -88,6 +88,25 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """AWS Batch, for steps with ``@batch`` (see ``docs/batch.md``)."""
+
+    queue: str = ""  # the job queue; ``@batch(queue=)`` overrides it per step
+    image: str = ""  # the task image; ``@batch(image=)`` overrides it per step
+    job_role: str = ""  # the IAM role the task assumes (jobRoleArn); ``@batch(iam_role=)``
+    execution_role: str = ""  # executionRoleArn (Fargate); ``@batch(execution_role=)``
+    region: str = ""  # "": the AWS chain's region
+    endpoint_url: str = ""  # "": AWS; set for the sandbox or a VPC endpoint
+    logs_endpoint_url: str = ""  # "": the same as endpoint_url
+    log_group: str = "/aws/batch/job"
+    poll_interval_s: float = 2.0  # DescribeJobs interval while jobs change
+    max_poll_interval_s: float = 30.0  # the interval it grows to while nothing changes
+    submit_rate: float = 20.0  # SubmitJob calls per second (AWS allows 50 per account)
+    log_rate: float = 10.0  # GetLogEvents calls per second (AWS allows 25 per account)
+    array_window_s: float = 0.5  # how long the splits of a foreach gather into one array job
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Defaults of ``run``."""
 
@@ -123,6 +142,7 @@ class Settings:
     local: LocalSettings = field(default_factory=LocalSettings)
     run: RunSettings = field(default_factory=RunSettings)
     stepfunctions: StepFunctionsSettings = field(default_factory=StepFunctionsSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -131,7 +151,8 @@ _SECTIONS = {f.name: f.type for f in fields(Settings) if f.name != "sources"}
 
 def _section_class(name: str) -> type:
     return {"datastore": DatastoreSettings, "daemon": DaemonSettings, "metadata": MetadataSettings,
-            "local": LocalSettings, "run": RunSettings, "stepfunctions": StepFunctionsSettings}[name]
+            "local": LocalSettings, "run": RunSettings, "stepfunctions": StepFunctionsSettings,
+            "batch": BatchSettings}[name]
 
 
 def _coerce(value: Any, default: Any, where: str, key: str) -> Any:

@@ -149,6 +149,7 @@ class Engine:
         checkpoint_interval_s: float = 0.05,
         metadata: MetadataStore,
         heartbeat_interval_s: float = 30.0,
+        batch_queue: str = "",
     ) -> None:
         self.store = store
         self.metadata = metadata
@@ -161,6 +162,7 @@ class Engine:
         self.pool = pool
         self.default_cpu = default_cpu
         self.kill_grace_s = kill_grace_s
+        self.batch_queue = batch_queue
         self.runs: dict[str, Run] = {}
         self.accepting = True
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -379,8 +381,18 @@ class Engine:
 
     def _check_resources(self, graph: dict[str, Any]) -> None:
         for name in graph["steps"]:
-            cpu, memory = self._demand(graph, name)
-            self.pool.check(cpu, memory)
+            batch = sch._decorator(graph, name, "batch")
+            if batch is None:
+                cpu, memory = self._demand(graph, name)
+                self.pool.check(cpu, memory)
+                continue
+            if self.datastore_config.get("type") != "s3":
+                raise SchedulerError(
+                    f"step {name} has @batch, which needs the S3 datastore (datastore.type = \"s3\"); "
+                    f"this daemon's datastore is {self.datastore_config.get('type', 'local')!r}"
+                )
+            if not (batch.get("queue") or self.batch_queue):
+                raise SchedulerError(f"step {name} has @batch but no job queue: set [batch] queue or @batch(queue=)")
 
     def _demand(self, graph: dict[str, Any], step: str) -> tuple[float, int]:
         res = sch._decorator(graph, step, "resources")
@@ -424,16 +436,22 @@ class Engine:
             run.wake.clear()
             now = time.time()
             clones: list[tuple[sch.Task, int]] = []
+            local = self._local_inflight(run)
             for task in sch.ready_tasks(run.state, now):
                 if run.state.origin is not None and task.key not in run.inflight:
                     source = resume.clone_source(run.state, task)
                     if source is not None:
                         clones.append((task, source))
                         continue
-                if len(run.inflight) >= max_workers:
-                    break
-                if task.key not in run.inflight:
-                    run.inflight[task.key] = self._spawn(self._attempt(run, task.key), f"attempt-{run.key}/{task.key}")
+                if task.key in run.inflight:
+                    continue
+                # --max-workers bounds this host's processes; a Batch queue bounds its own jobs,
+                # and all splits of a foreach on Batch start together, as one array job.
+                if not self._on_batch(run, task.step):
+                    if local >= max_workers:
+                        continue
+                    local += 1
+                run.inflight[task.key] = self._spawn(self._attempt(run, task.key), f"attempt-{run.key}/{task.key}")
             if clones:
                 await self._clone(run, clones)
                 continue
@@ -445,6 +463,13 @@ class Engine:
                 await asyncio.wait_for(run.wake.wait(), timeout)
         while run.inflight:
             await asyncio.wait(list(run.inflight.values()))
+
+    @staticmethod
+    def _on_batch(run: Run, step: str) -> bool:
+        return sch._decorator(run.graph, step, "batch") is not None
+
+    def _local_inflight(self, run: Run) -> int:
+        return sum(1 for key in run.inflight if not self._on_batch(run, run.state.tasks[key].step))
 
     def _spec(self, run: Run, task: sch.Task, number: int) -> TaskSpec:
         parents = []
@@ -487,19 +512,31 @@ class Engine:
             return None
         return float(t["seconds"] + 60 * t["minutes"] + 3600 * t["hours"])
 
+    def _array(self, run: Run, task: sch.Task, number: int) -> tuple[str | None, int]:
+        """The array-job group of a foreach split's first attempt on Batch, and its size."""
+        if number != 0 or task.split_index is None:
+            return None, 0
+        siblings = sum(1 for t in run.state.tasks.values() if t.step == task.step and t.parents == task.parents)
+        parents = ",".join(f"{s}/{t}" for s, t in task.parents)
+        return f"{run.key}/{task.step}/{parents}", siblings
+
     async def _attempt(self, run: Run, key: str) -> None:
         task = run.state.tasks[key]
         bind_log(run=run.key, step=task.step, task=task.task_id)
         cpu, memory = self._demand(run.graph, task.step)
+        batch = sch._decorator(run.graph, task.step, "batch")
+        # A Batch attempt runs elsewhere: it takes no share of this host.
+        pool_cpu, pool_memory = (0.0, 0) if batch is not None else (cpu, memory)
         picked_at = time.monotonic()
         try:
             if run.recovered and await self._adopt_attempts(run, task):
                 return
-            await self.pool.acquire(cpu, memory)
+            await self._acquire(batch, pool_cpu, pool_memory)
             try:
                 if run.state.status != sch.RUNNING or task.status != sch.PENDING:
                     return
                 number = len(task.attempts)
+                array_key, array_size = self._array(run, task, number) if batch is not None else (None, 0)
                 akey = AttemptKey(run.flow, run.run_id, task.step, task.task_id, number)
                 out, err = self._log_paths(run, akey)
                 request = LaunchRequest(
@@ -513,6 +550,11 @@ class Engine:
                     memory_mb=memory,
                     timeout_s=self._timeout_s(run, task.step),
                     owner_uid=run.owner_uid,
+                    gpu=int((sch._decorator(run.graph, task.step, "resources") or {}).get("gpu") or 0),
+                    package=run.package,
+                    batch=batch,
+                    array_key=array_key,
+                    array_size=array_size,
                 )
                 try:
                     handle = await self.backend.launch(request)
@@ -531,11 +573,16 @@ class Engine:
                 self._started(run, task, attempt)
                 await self._watch(run, task, attempt, request.timeout_s)
             finally:
-                await self.pool.release(cpu, memory)
+                if batch is None:
+                    await self.pool.release(pool_cpu, pool_memory)
         finally:
             if run.inflight.get(key) is asyncio.current_task():
                 del run.inflight[key]
             run.wake.set()
+
+    async def _acquire(self, batch: dict[str, Any] | None, cpu: float, memory: int) -> None:
+        if batch is None:
+            await self.pool.acquire(cpu, memory)
 
     def _started(self, run: Run, task: sch.Task, attempt: sch.Attempt) -> None:
         pathspec = f"{run.key}/{task.key}"
@@ -547,6 +594,7 @@ class Engine:
             task_id=task.task_id,
             attempt=attempt.number,
             pid=handle.get("pid"),
+            job_id=handle.get("job_id"),
         )
         log.info("attempt_started", attempt=attempt.number, pid=handle.get("pid"), via=handle.get("via"))
         out, err = self._log_paths(run, AttemptKey(run.flow, run.run_id, task.step, task.task_id, attempt.number))
@@ -575,8 +623,14 @@ class Engine:
         done_record = await read_done(self.store, akey)
         if code is None:
             code = int(done_record.get("exit_code", 0)) if done_record else -9
+        reason = self.backend.exit_reason(handle)
         await self.tailer.finish((run.key, task.key, attempt.number))
         await self._store_logs(run, akey)
+        # The done marker tells a step's own failure best; the backend's account is for the
+        # ends the task could not record (killed for memory, host lost, never started).
+        if reason is not None and not timed_out and (done_record is None or reason.kind is not None):
+            self._finished(run, task, attempt.number, code, done_record, reason.message, decided_kind=reason.kind)
+            return
         self._finished(run, task, attempt.number, code, done_record, message, kind="user" if timed_out else None)
 
     async def _upload_running_logs(self, stop: asyncio.Event, interval_s: float = LOG_UPLOAD_INTERVAL_S) -> None:
@@ -617,9 +671,18 @@ class Engine:
         done: dict[str, Any] | None,
         message: str | None,
         kind: str | None = None,
+        decided_kind: str | None = None,
     ) -> None:
         decisions = sch.attempt_finished(
-            run.graph, run.state, task.key, number, exit_code=code, done=done, now=time.time(), message=message
+            run.graph,
+            run.state,
+            task.key,
+            number,
+            exit_code=code,
+            done=done,
+            now=time.time(),
+            message=message,
+            kind=decided_kind,
         )
         attempt = task.attempts[number]
         if kind and attempt.status == sch.FAILED:
@@ -736,7 +799,14 @@ class Engine:
         handle = attempt.handle
         if not handle:
             started = await read_started(self.store, akey)
-            if started:
+            if started and started.get("batch_job_id"):
+                handle = {
+                    "backend": "batch",
+                    "job_id": started["batch_job_id"],
+                    "stdout": self._log_paths(run, akey)[0],
+                }
+                attempt.handle = handle
+            elif started:
                 handle = {
                     "pid": started["pid"],
                     "pgid": started["pid"],
@@ -745,7 +815,7 @@ class Engine:
                 }
                 attempt.handle = handle
         if handle and await self.backend.reattach(handle):
-            log.info("attempt_reattached", attempt=attempt.number, pid=handle.get("pid"))
+            log.info("attempt_reattached", attempt=attempt.number, pid=handle.get("pid"), job_id=handle.get("job_id"))
             self._started(run, task, attempt)
             run.inflight[task.key] = self._spawn(self._rewatch(run, task, attempt), f"attempt-{run.key}/{task.key}")
             return

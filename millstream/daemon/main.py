@@ -34,7 +34,9 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from millstream.compute.base import ComputeBackend
 from millstream.compute.local import LocalBackend
+from millstream.compute.router import BackendRouter
 from millstream.config.settings import Settings
 from millstream.daemon import metrics, systemd
 from millstream.daemon.api import make_app
@@ -132,11 +134,18 @@ async def serve(
         zygote_idle_s=local.zygote_idle_s,
         run_as_owner=shared.run_as_owner,
     )
+    batch: ComputeBackend | None = None
+    if settings.datastore.type == "s3":
+        # Imported here: aiobotocore is only needed where Batch can be used. Clients are
+        # opened on first use, so a daemon whose runs never ask for @batch makes no call.
+        from millstream.compute.batch import BatchBackend
+
+        batch = BatchBackend(settings.batch, store=store, datastore_config=datastore_config)
     metadata = metadata_store(settings.metadata)
     await metadata.open()
     engine = Engine(
         store=store,
-        backend=backend,
+        backend=BackendRouter(backend, batch),
         datastore_config=datastore_config,
         state_dir=state_dir,
         daemon_id=settings.daemon.id,
@@ -146,6 +155,7 @@ async def serve(
         checkpoint_interval_s=settings.daemon.checkpoint_interval_s,
         metadata=metadata,
         heartbeat_interval_s=settings.metadata.heartbeat_interval_s,
+        batch_queue=settings.batch.queue,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -234,8 +234,13 @@ def attempt_finished(
     done: dict[str, Any] | None,
     now: float,
     message: str | None = None,
+    kind: str | None = None,
 ) -> Decisions:
-    """Feed back an attempt's end: its exit code and its done marker (None if absent)."""
+    """Feed back an attempt's end: its exit code and its done marker (None if absent).
+
+    ``kind`` ("user" or "infra"), when the backend knows better than the done marker
+    (a Batch job killed for its memory is the step's fault), decides the retry policy.
+    """
     decisions = Decisions()
     task = state.tasks[key]
     attempt = task.attempts[number]
@@ -260,7 +265,7 @@ def attempt_finished(
         task.status = CANCELLED
         return settle(state, decisions)
     attempt.status = FAILED
-    attempt.kind = "infra" if done is None or exit_code == EXIT_INFRA_FAILURE else "user"
+    attempt.kind = kind or ("infra" if done is None or exit_code == EXIT_INFRA_FAILURE else "user")
     if exit_code != EXIT_NO_RETRY and len(task.attempts) < MAX_ATTEMPTS:
         failures = [a.kind for a in task.attempts if a.status == FAILED]
         limit = max_user_retries(graph, task.step)

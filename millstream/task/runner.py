@@ -317,6 +317,8 @@ class TaskRunner:
                         "proc_start": _proc_start_time(pid),
                         "started_at": started,
                         "host": os.uname().nodename,
+                        # On Batch: how a restarted daemon finds the job (see engine._reconcile).
+                        "batch_job_id": os.environ.get("AWS_BATCH_JOB_ID"),
                     },
                 )
             )

@@ -10,6 +10,8 @@
     bucket        function: the name of a fresh, empty bucket
     make_s3_store function: ``make_s3_store(via_proxy=True, **S3Store kwargs)``; closed
                   at teardown
+    batch_sandbox function: Batch in simple mode with a queue; jobs stay SUBMITTED
+    compute_env   function: a sandbox ComputeEnvironment running those jobs for real
 """
 
 from __future__ import annotations
@@ -102,3 +104,26 @@ async def make_s3_store(moto: MotoServer, fault_proxy: FaultProxy, bucket: str,
     yield make
     for store in made:
         await store.close()
+
+
+@pytest.fixture
+def batch_sandbox(moto: MotoServer, bucket: str) -> Iterator[Any]:
+    """moto Batch in simple mode with a queue, submitted jobs held (not run) for the test."""
+    from millstream import sandbox
+
+    moto.configure({"batch": {"use_docker": False}})
+    sandbox.hold_submitted_jobs()
+    config = sandbox.provision(moto.url, bucket=bucket)
+    yield config
+    sandbox.ComputeEnvironment().drain_queue()
+
+
+@pytest.fixture
+def compute_env(batch_sandbox: Any) -> Iterator[Any]:
+    """An emulated compute environment that really runs the held jobs, three at a time."""
+    from millstream import sandbox
+
+    env = sandbox.ComputeEnvironment(slots=3).start()
+    yield env
+    env.stop()
+    env.drain_queue()
