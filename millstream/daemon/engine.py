@@ -341,6 +341,10 @@ class Engine:
         live = self.runs.get(f"{flow}/{origin_id}")
         if live is not None and not live.state.finished:
             raise SchedulerError(f"run {flow}/{origin_id} is still running; cancel it or wait before resuming")
+        if live is not None:
+            # The origin just ended here: its last checkpoint may still be coalescing,
+            # and a stale one would make the resume re-run tasks that succeeded.
+            await self.checkpoints.flush()
         try:
             record = json.loads(await self.store.get(run_record_key(flow, origin_id)))
             origin_state = json.loads(await self.store.get(layout.checkpoint_key(flow, origin_id)))

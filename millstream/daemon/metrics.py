@@ -208,6 +208,7 @@ class EngineCollector(Collector):
             "millstream_task_launches", "Local task launches, by how they started.", labels=["via"]
         )
         backend: Any = engine.backend
+        backend = getattr(backend, "local", backend)  # behind the router of local and Batch
         launches.add_metric(["zygote"], getattr(backend, "launches_forked", 0))
         launches.add_metric(["exec"], getattr(backend, "launches_fresh", 0))
         yield launches
