@@ -17,9 +17,6 @@ import dataclasses
 import os
 import pickle
 import pwd
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +45,7 @@ from millstream.metadata.model import AttemptRecord
 from millstream.metadata.sqlite import SqliteMetadataStore
 from tests.conftest import EXAMPLES, Daemon, wait_until
 from tests.e2e.helpers import FLOWS, run_flow
-from tests.metadata.service_fixture import API_KEY, fresh_database
+from tests.metadata.service_fixture import API_KEY, service_process
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 SYSTEM_TAGS = {f"user:{ME}", "runtime:millstream"}
@@ -492,41 +489,11 @@ def test_the_cost_of_listing_is_bounded(tmp_path: Path, capsys: pytest.CaptureFi
 # ------------------------------------------------------------------ the metadata service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``millstream metadata-service`` as a subprocess on a fresh database; its URL."""
-    stack = contextlib.AsyncExitStack()
-    loop = asyncio.new_event_loop()
-    try:
-        dsn = loop.run_until_complete(stack.enter_async_context(fresh_database()))
-    except BaseException:
-        loop.close()
-        raise
-    keys = tmp_path_factory.mktemp("service") / "keys"
-    keys.write_text(API_KEY + "\n")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "millstream", "metadata-service", "--dsn", dsn,
-                             "--listen", f"127.0.0.1:{port}", "--api-key-file", str(keys)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def answers() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(answers, 30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        loop.run_until_complete(stack.aclose())
-        loop.close()
+    with service_process(tmp_path_factory.mktemp("service")) as url:
+        yield url
 
 
 @pytest.fixture

@@ -18,13 +18,8 @@ moto is a test dependency: where it is missing the S3 cases are skipped, except 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import os
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, wait_until
-from tests.metadata.service_fixture import API_KEY, fresh_database
+from tests.conftest import Daemon
+from tests.metadata.service_fixture import service_process
 
 _buckets = itertools.count()
 
@@ -106,47 +101,8 @@ def daemon_on_store(request: pytest.FixtureRequest, daemon_factory: Callable[...
     yield d
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def metadata_service(tmp_path: Path) -> Iterator[str]:
     """`millstream metadata-service` as a subprocess on a fresh database; yields its URL."""
-    stack = contextlib.AsyncExitStack()
-    loop = asyncio.new_event_loop()
-    dsn = loop.run_until_complete(stack.enter_async_context(fresh_database()))
-    keys = tmp_path / "keys"
-    keys.write_text(API_KEY + "\n")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "millstream",
-            "metadata-service",
-            "--dsn",
-            dsn,
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--api-key-file",
-            str(keys),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def answers() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(answers, 30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        loop.run_until_complete(stack.aclose())
-        loop.close()
+    with service_process(tmp_path) as url:
+        yield url

@@ -9,9 +9,14 @@ fail when ``CI=true``: a missing database must not turn CI green.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -98,3 +103,46 @@ async def service_store(tmp_path: Path) -> AsyncIterator[ServiceMetadataStore]:
             yield store
         finally:
             await store.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def service_process(scratch: Path) -> Iterator[str]:
+    """``millstream metadata-service`` as a subprocess on a fresh database; yields its URL.
+
+    For tests whose daemons (other processes) record into the service; ``scratch``
+    holds its API key file.
+    """
+    from tests.conftest import wait_until
+
+    stack = contextlib.AsyncExitStack()
+    loop = asyncio.new_event_loop()
+    try:
+        dsn = loop.run_until_complete(stack.enter_async_context(fresh_database()))
+    except BaseException:
+        loop.close()
+        raise
+    keys = scratch / "keys"
+    keys.write_text(API_KEY + "\n")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "millstream", "metadata-service", "--dsn", dsn,
+                             "--listen", f"127.0.0.1:{port}", "--api-key-file", str(keys)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(answers, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        loop.run_until_complete(stack.aclose())
+        loop.close()
