@@ -7,6 +7,7 @@ run: the daemon would otherwise drive it on with nobody watching.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ def launch_run(flow_cls: type, raw_params: Mapping[str, str | None], *, settings
         run = submit(client, body, package)
         if run_id_file:
             # Metaflow writes the bare id, no newline; scripts read it back as is.
-            Path(run_id_file).write_text(str(run["run_id"]), encoding="utf-8")
+            write_run_id_file(run_id_file, str(run["run_id"]))
         status = follow_run(client, graph.name, run["run_id"], quiet=quiet, out=out)
     except KeyboardInterrupt:
         if client is not None and run is not None:
@@ -74,3 +75,11 @@ def _cancel(client: DaemonClient, flow: str, run_id: str) -> None:
         click.echo(f"Could not cancel {flow}/{run_id}: {exc.message}", err=True)
     except KeyboardInterrupt:
         pass  # a second Ctrl-C means leave now
+
+
+def write_run_id_file(path: str, run_id: str) -> None:
+    """Write ``--run-id-file`` whole or not at all: a script polling for it never reads it empty."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.write_text(run_id, encoding="utf-8")
+    os.replace(partial, target)

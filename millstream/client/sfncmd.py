@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from pathlib import Path
 
 import click
 
 from millstream.client.console import cli_errors, table
 from millstream.client.flowcli import CliState, parameter_option
+from millstream.client.launch import write_run_id_file
 from millstream.flow.parameters import flow_parameters
 
 
@@ -77,7 +77,7 @@ def make_step_functions_group(flow_cls: type) -> click.Group:
         with cli_errors():
             started = asyncio.run(start())
         if run_id_file:
-            Path(run_id_file).write_text(started["run_id"], encoding="utf-8")
+            write_run_id_file(run_id_file, started["run_id"])
         click.echo(f"Run {name}/{started['run_id']} started: {started['execution_arn']}")
 
     group.add_command(click.Command(

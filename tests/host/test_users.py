@@ -321,7 +321,12 @@ def test_every_daemon_log_line_is_json_and_run_events_carry_the_run(host: Host) 
     run_id, proc = host.run("ms-bob")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in host.daemon.logs[-1].read_text().splitlines() if line.strip()]
-    events = [json.loads(line) for line in lines]
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"a daemon log line is not JSON: {line[:300]!r}")
     assert all("event" in e and "timestamp" in e for e in events)
     ready = next(e for e in events if e["event"] == "daemon_ready")
     assert ready["tasks_run_as"] == "owner" and ready["socket_group"] == TEAM
