@@ -12,6 +12,7 @@
                   at teardown
     batch_sandbox function: Batch in simple mode with a queue; jobs stay SUBMITTED
     compute_env   function: a sandbox ComputeEnvironment running those jobs for real
+    batch_daemon  function: a daemon on the sandbox (S3 datastore, Batch queue, fast polling)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from millstream.datastore.retry import Backoff
 from millstream.datastore.s3 import S3Store
 from tests.aws.fault_proxy import FaultProxy
 from tests.aws.moto_server import REGION, MotoServer, shared_moto, stop_shared_moto
+from tests.conftest import Daemon
 
 BUCKET = "millstream-test"
 
@@ -127,3 +129,14 @@ def compute_env(batch_sandbox: Any) -> Iterator[Any]:
     yield env
     env.stop()
     env.drain_queue()
+
+
+@pytest.fixture
+def batch_daemon(daemon_factory: Callable[..., Daemon], batch_sandbox: Any, compute_env: Any) -> Iterator[Daemon]:
+    """A daemon on the sandbox: S3 datastore, Batch queue, fast polling."""
+    d = daemon_factory(batch_poll_interval_s="0.1", batch_max_poll_interval_s="0.5", batch_array_window_s="1")
+    d.env.update(batch_sandbox.environment())
+    d.env["MILLSTREAM_DATASTORE_PREFIX"] = "ms"
+    d.env["MILLSTREAM_METADATA_PATH"] = str(d.root / "metadata.db")
+    d.start()
+    yield d

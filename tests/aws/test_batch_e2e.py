@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +19,12 @@ import pytest
 from millstream.datastore import layout
 from millstream.datastore.artifacts import deserialize
 from millstream.datastore.s3 import S3Store
-from millstream.sandbox import ComputeEnvironment, SandboxConfig
+from millstream.sandbox import ComputeEnvironment
 from tests.aws.moto_server import MotoServer
 from tests.conftest import Daemon, wait_until
 from tests.e2e.helpers import ok_attempt, run_flow
 
 FLOWS = Path(__file__).parent / "flows"
-
-
-@pytest.fixture
-def batch_daemon(daemon_factory: Callable[..., Daemon], batch_sandbox: SandboxConfig,
-                 compute_env: ComputeEnvironment) -> Iterator[Daemon]:
-    """A daemon on the sandbox: S3 datastore, Batch queue, fast polling."""
-    d = daemon_factory(batch_poll_interval_s="0.1", batch_max_poll_interval_s="0.5", batch_array_window_s="1")
-    d.env.update(batch_sandbox.environment())
-    d.env["MILLSTREAM_DATASTORE_PREFIX"] = "ms"
-    d.env["MILLSTREAM_METADATA_PATH"] = str(d.root / "metadata.db")
-    d.start()
-    yield d
 
 
 def read(moto: MotoServer, bucket: str, key: str) -> bytes:

@@ -72,10 +72,12 @@ def stored(d: Daemon) -> StoredData:
     return StoredData(d)
 
 
-def run_flow(d: Daemon, flow_file: Path, *args: str, timeout_s: float = 120) -> tuple[str, Any]:
-    """Run a flow through the daemon with ``--run-id-file``; returns (run_id, completed process)."""
+def run_flow(d: Daemon, flow_file: Path, *args: str, command: str = "run",
+             timeout_s: float = 120) -> tuple[str, Any]:
+    """``python FLOW COMMAND --run-id-file ... ARGS`` through the daemon (``run`` or
+    ``resume``); returns (run_id, completed process)."""
     id_file = d.root / f"run-id-{flow_file.stem}-{len(list(d.root.glob('run-id-*')))}"
-    proc = d.run_flow(flow_file, "run", "--run-id-file", str(id_file), *args, timeout_s=timeout_s)
+    proc = d.run_flow(flow_file, command, "--run-id-file", str(id_file), *args, timeout_s=timeout_s)
     run_id = id_file.read_text().strip() if id_file.exists() else ""
     return run_id, proc
 
@@ -108,3 +110,14 @@ def artifact(d: Daemon, flow: str, run_id: str, step: str, name: str, task_id: s
     data = stored(d).get(layout.artifact_key(flow, sha))
     assert data is not None, f"artifact {name} of {flow}/{run_id}/{step}/{task_id}: blob {sha} missing"
     return deserialize(data)
+
+
+def clone_origins(d: Daemon, flow: str, run_id: str) -> dict[str, str | None]:
+    """task key (step/task) -> the origin pathspec a resume cloned it from (None: it ran)."""
+    state = d.run_state(flow, run_id)
+    return {
+        f"{t['step']}/{t['task_id']}": (
+            (t["attempts"][-1]["handle"] or {}).get("cloned_from") if t["attempts"] else None
+        )
+        for t in state["tasks"]
+    }

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from tests.conftest import Daemon
-from tests.e2e.helpers import FLOWS, artifact
+from tests.e2e.helpers import FLOWS, artifact, clone_origins
 
 FLOW = "ResumableFlow"
 
@@ -29,24 +29,13 @@ def _run(d: Daemon, flow_file: Path, *args: str, fail: str = "", command: str = 
     return run_id, proc.returncode, proc.stdout + proc.stderr
 
 
-def _cloned(d: Daemon, flow: str, run_id: str) -> dict[str, str | None]:
-    """task key -> the origin pathspec it was cloned from (None: it ran)."""
-    state = d.run_state(flow, run_id)
-    return {
-        f"{t['step']}/{t['task_id']}": (
-            (t["attempts"][-1]["handle"] or {}).get("cloned_from") if t["attempts"] else None
-        )
-        for t in state["tasks"]
-    }
-
-
 def test_resume_inside_a_foreach_reruns_only_the_failed_split(daemon_on_store: Daemon) -> None:
     # One worker: splits 0-2 succeed, 3 fails, and the failure stops the run before 4 and 5.
     origin, code, out = _run(daemon_on_store, FLOWS / "resumable.py", "--max-workers", "1", fail="work:3")
     assert code == 1, out
     new, code, out = _run(daemon_on_store, FLOWS / "resumable.py", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon_on_store, FLOW, new)
+    cloned = clone_origins(daemon_on_store, FLOW, new)
     assert {k for k, v in cloned.items() if v} == {"start/0", "work/0", "work/1", "work/2"}
     assert {k for k, v in cloned.items() if not v} == {"work/3", "work/4", "work/5", "join/0", "end/0"}
     assert cloned["work/0"] == f"{FLOW}/{origin}/work/0/0"
@@ -63,7 +52,7 @@ def test_splits_running_when_another_fails_are_cancelled_then_rerun(daemon: Daem
     assert statuses["3"] == "failed" and set(statuses.values()) <= {"ok", "failed", "cancelled"}
     new, code, out = _run(daemon, FLOWS / "resumable.py", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon, FLOW, new)
+    cloned = clone_origins(daemon, FLOW, new)
     assert {k for k, v in cloned.items() if v and k.startswith("work/")} == {
         f"work/{i}" for i, s in statuses.items() if s == "ok"
     }
@@ -74,7 +63,7 @@ def test_resume_after_a_failed_join_clones_every_split(daemon: Daemon) -> None:
     assert code == 1
     new, code, out = _run(daemon, FLOWS / "resumable.py", "--origin-run-id", origin, command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon, FLOW, new)
+    cloned = clone_origins(daemon, FLOW, new)
     assert {k for k, v in cloned.items() if not v} == {"join/0", "end/0"}
     assert artifact(daemon, FLOW, new, "join", "split_runs") == [origin] * 6
 
@@ -84,7 +73,7 @@ def test_resume_at_end(daemon: Daemon) -> None:
     assert code == 1
     new, code, out = _run(daemon, FLOWS / "resumable.py", command="resume")
     assert code == 0, out
-    assert {k for k, v in _cloned(daemon, FLOW, new).items() if not v} == {"end/0"}
+    assert {k for k, v in clone_origins(daemon, FLOW, new).items() if not v} == {"end/0"}
     assert artifact(daemon, FLOW, new, "end", "end_ran_in") == new
 
 
@@ -93,7 +82,7 @@ def test_resume_at_start_reruns_everything(daemon: Daemon) -> None:
     assert code == 1
     new, code, out = _run(daemon, FLOWS / "resumable.py", command="resume")
     assert code == 0, out
-    assert not any(_cloned(daemon, FLOW, new).values())
+    assert not any(clone_origins(daemon, FLOW, new).values())
 
 
 def test_resume_from_a_named_foreach_step(daemon: Daemon) -> None:
@@ -101,7 +90,7 @@ def test_resume_from_a_named_foreach_step(daemon: Daemon) -> None:
     assert code == 0
     new, code, out = _run(daemon, FLOWS / "resumable.py", "work", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon, FLOW, new)
+    cloned = clone_origins(daemon, FLOW, new)
     assert {k for k, v in cloned.items() if v} == {"start/0"}
     assert artifact(daemon, FLOW, new, "join", "split_runs") == [new] * 6
 
@@ -121,7 +110,7 @@ def test_resume_inside_nested_foreach_and_switch(daemon_on_store: Daemon) -> Non
     assert code == 1
     new, code, out = _run(daemon_on_store, FLOWS / "resumable_nested.py", command="resume")
     assert code == 0, out
-    cloned = _cloned(daemon_on_store, flow, new)
+    cloned = clone_origins(daemon_on_store, flow, new)
     assert {k for k, v in cloned.items() if v} == {"start/0", "outer/0", "outer/1", "fit/0-0", "fit/0-1"}
     assert {k for k, v in cloned.items() if not v} == {
         "fit/1-0",
@@ -138,7 +127,7 @@ def test_resume_inside_nested_foreach_and_switch(daemon_on_store: Daemon) -> Non
     assert code == 1
     new2, code, out = _run(daemon_on_store, FLOWS / "resumable_nested.py", command="resume")
     assert code == 0, out
-    assert {k for k, v in _cloned(daemon_on_store, flow, new2).items() if not v} == {"large/0", "end/0"}
+    assert {k for k, v in clone_origins(daemon_on_store, flow, new2).items() if not v} == {"large/0", "end/0"}
     assert artifact(daemon_on_store, flow, new2, "large", "result") == "large"
 
 
